@@ -1,0 +1,159 @@
+"""XUT building blocks (SPEC §3). Every Linear/Conv/LayerNorm is built through `ops` (torch.nn by default,
+ComfyUI's comfy.ops when loaded there); parameters outside such layers are cast to the input dtype at use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope, rope_angles
+
+LN_PI = math.log(math.pi)  # official initial RoPE log-frequency (SPEC §3.8)
+
+
+class Modulation(NamedTuple):
+    """One shared-adaLN triple, pre-offset: (1 + scale), shift, (1 + gate), each [B, 1, D]."""
+
+    scale1: torch.Tensor
+    shift: torch.Tensor
+    gate1: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+
+
+class ModulatedNorm(nn.Module):
+    """RMSNorm with a learned gain, then the shared adaLN: norm(x)·(1 + scale) + shift."""
+
+    def __init__(self, dim: int, *, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, dtype=dtype, device=device)  # key: <sub-layer>_pre_norm.norm.weight
+
+    def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        return torch.addcmul(mod.shift, self.norm(x), mod.scale1)
+
+
+class RopeFreqs(nn.Module):
+    """Learned RoPE log-frequencies [heads, dim_head // 4, 2] (key: `*.rope.freqs`)."""
+
+    def __init__(self, heads: int, dim_head: int, *, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.freqs = nn.Parameter(torch.full((heads, dim_head // 4, 2), LN_PI, dtype=dtype, device=device))
+
+    def cos_sin(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = rope_angles(pos, self.freqs)  # (B, H, S, 2F)
+        return theta.cos().to(dtype), theta.sin().to(dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.heads = dim // dim_head
+        self.qkv = ops.Linear(dim, 3 * dim, bias=False, dtype=dtype, device=device)
+        self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
+        self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 × (B, H, S, d)
+        cos, sin = self.rope.cos_sin(pos, q.dtype)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.out(y.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the stream to the last encoder output E (same token layout, so the same positions)."""
+
+    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.heads = dim // dim_head
+        self.q = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+        self.kv = ops.Linear(dim, 2 * dim, bias=False, dtype=dtype, device=device)
+        self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
+        self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)                       # (B, H, S, d)
+        k, v = self.kv(memory).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 2 × (B, H, S, d)
+        cos, sin = self.rope.cos_sin(pos, q.dtype)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.out(y.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        self.w12 = ops.Linear(dim, 2 * hidden, dtype=dtype, device=device)  # [gated (SiLU) | linear]
+        self.w3 = ops.Linear(hidden, dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gated, linear = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gated) * linear)
+
+
+class Block(nn.Module):
+    """One transformer block. Each sub-layer replaces the stream by U = modnorm(S) and adds F(U)·(1 + gate)."""
+
+    def __init__(self, dim: int, dim_head: int, mlp_dim: int, *, cross: bool = False, ops: Any = nn,
+                 dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.attn_pre_norm = ModulatedNorm(dim, **kw)
+        self.attn = SelfAttention(dim, dim_head, ops=ops, **kw)
+        if cross:
+            self.xattn_pre_norm = ModulatedNorm(dim, **kw)
+            self.xattn = CrossAttention(dim, dim_head, ops=ops, **kw)
+        self.mlp_pre_norm = ModulatedNorm(dim, **kw)
+        self.mlp = SwiGLU(dim, mlp_dim, ops=ops, **kw)
+
+    @property
+    def has_cross(self) -> bool:
+        return hasattr(self, "xattn")
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation],
+                memory: torch.Tensor | None = None) -> torch.Tensor:
+        u = self.attn_pre_norm(x, mods["attn"])
+        x = torch.addcmul(u, self.attn(u, pos), mods["attn"].gate1)
+        if self.has_cross:
+            u = self.xattn_pre_norm(x, mods["xattn"])
+            x = torch.addcmul(u, self.xattn(u, memory, pos), mods["xattn"].gate1)
+        u = self.mlp_pre_norm(x, mods["ffw"])
+        return torch.addcmul(u, self.mlp(u), mods["ffw"].gate1)
+
+
+class TimestepEmbedding(nn.Module):
+    """τ = 1000·t, [cos(τω), sin(τω)] with ω_k = 10000^(−k/(D/2)), then Linear + Mish (SPEC §3.3)."""
+
+    def __init__(self, dim: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs[None].to(device=device, dtype=dtype or torch.float32))
+        self.proj = nn.Sequential(ops.Linear(dim, dim, dtype=dtype, device=device), nn.Mish())
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Sinusoids in float32 whatever the model dtype; the buffer is loaded as stored (SPEC §10).
+        tau = 1000 * t.float().reshape(-1, 1)                                 # (B, 1)
+        angles = tau * self.freqs.float()                                     # (B, D/2)
+        emb = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)       # cos first
+        return self.proj(emb)[:, None]                                        # (B, 1, D)
+
+
+def adaln_mlp(dim: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> nn.Sequential:
+    """Shared adaLN: LayerNorm → Linear(D, 4D) → Mish → Linear(4D, 3D) giving (scale, shift, gate)."""
+    return nn.Sequential(
+        ops.LayerNorm(dim, eps=1e-5, dtype=dtype, device=device),
+        ops.Linear(dim, 4 * dim, dtype=dtype, device=device),
+        nn.Mish(),
+        ops.Linear(4 * dim, 3 * dim, dtype=dtype, device=device),
+    )

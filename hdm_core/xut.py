@@ -1,0 +1,179 @@
+"""XUT (Cross-U-Transformer), the HDM backbone, with the official state-dict key names (SPEC §2–§3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import XUTConfig
+from .layers import Block, Modulation, TimestepEmbedding, adaln_mlp
+from .rope import downsample_pos, make_axial_pos
+from .tread import random_keep_mask, restore_tokens, select_tokens
+
+MOD_NAMES = ("attn", "xattn", "ffw")
+
+
+class PatchIn(nn.Module):
+    def __init__(self, channels: int, dim: int, patch: int, *, ops: Any, dtype: Any, device: Any) -> None:
+        super().__init__()
+        self.proj = ops.Conv2d(channels, dim, patch, stride=patch, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), N = h·w row-major
+
+
+class PatchOut(nn.Module):
+    def __init__(self, dim: int, channels: int, patch: int, *, ops: Any, dtype: Any, device: Any) -> None:
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.proj = ops.Linear(dim, patch * patch * channels, dtype=dtype, device=device)
+
+    def forward(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        p, c = self.patch, self.channels
+        y = self.proj(tokens).reshape(-1, h, w, p, p, c)           # features ordered (u, v, c), c fastest
+        return y.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, h * p, w * p)
+
+
+class BlockStack(nn.Module):
+    """The always-run blocks before and after the routed backbone (keys `*_tread_trns.blocks.i`)."""
+
+    def __init__(self, n: int, cfg: XUTConfig, **kw: Any) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.dim_head, cfg.mlp_dim, **kw) for _ in range(n))
+
+
+class Backbone(nn.Module):
+    """Encoder groups, then decoder groups whose first block cross-attends to the last encoder output."""
+
+    def __init__(self, cfg: XUTConfig, **kw: Any) -> None:
+        super().__init__()
+        dims = (cfg.dim, cfg.dim_head, cfg.mlp_dim)
+        self.enc_blocks = nn.ModuleList(
+            nn.ModuleList(Block(*dims, **kw) for _ in range(cfg.enc_blocks)) for _ in range(cfg.depth))
+        self.dec_blocks = nn.ModuleList(
+            nn.ModuleList(Block(*dims, cross=j == 0, **kw) for j in range(cfg.dec_blocks))
+            for _ in range(cfg.depth))
+
+
+class XUT(nn.Module):
+    """The HDM denoiser: predicts the flow velocity ε − x0 for a latent x at time t ∈ [0, 1]."""
+
+    def __init__(self, config: XUTConfig, *, ops: Any = nn, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config
+        kw = dict(ops=ops, dtype=dtype, device=device)
+        self.in_patch = PatchIn(cfg.input_dim, cfg.dim, cfg.patch_size, **kw)
+        self.time_emb = TimestepEmbedding(cfg.dim, **kw)
+        if cfg.addon_info_embs_dim:
+            self.addon_info_embs_proj = nn.Sequential(
+                ops.Linear(cfg.addon_info_embs_dim, cfg.dim, dtype=dtype, device=device), nn.Mish(),
+                ops.Linear(cfg.dim, cfg.dim, dtype=dtype, device=device))
+        self.ctx_proj = ops.Linear(cfg.ctx_dim, cfg.dim, dtype=dtype, device=device)
+        self.shared_adaln_attn = adaln_mlp(cfg.dim, **kw)
+        self.shared_adaln_xattn = adaln_mlp(cfg.dim, **kw)
+        self.shared_adaln_ffw = adaln_mlp(cfg.dim, **kw)
+        self.prev_tread_trns = BlockStack(cfg.tread_config.prev_trns_depth, cfg, **kw)
+        self.backbone = Backbone(cfg, **kw)
+        self.post_tread_trns = BlockStack(cfg.tread_config.post_trns_depth, cfg, **kw)
+        self.out_patch = PatchOut(cfg.dim, cfg.input_dim, cfg.patch_size, **kw)
+        self.gradient_checkpointing = False
+
+    def init_for_training(self) -> None:
+        """The official from-scratch init: zero last adaLN / aspect layers, near-zero output projection."""
+        zeroed = [self.shared_adaln_attn[3], self.shared_adaln_xattn[3], self.shared_adaln_ffw[3]]
+        if self.config.addon_info_embs_dim:
+            zeroed.append(self.addon_info_embs_proj[2])
+        with torch.no_grad():
+            for layer in zeroed:
+                layer.weight.zero_()
+                layer.bias.zero_()
+            nn.init.normal_(self.out_patch.proj.weight, std=1.0 / self.config.dim ** 2)
+            self.out_patch.proj.bias.zero_()
+
+    def _run(self, block: Block, *args: Any) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        ctx: torch.Tensor | None = None,
+        pos_map: torch.Tensor | None = None,
+        aspect: torch.Tensor | float | None = None,
+        tread_keep: torch.Tensor | None = None,
+        tread_rate: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Velocity for x [B, C, H, W] at t (B values in [0, 1]) given text states ctx [B, L, ctx_dim].
+
+        pos_map: latent-resolution map [B or 1, H·W, 2] (None = the model's own patch grid).
+        aspect: ln(W / H), shape [B] or [B, 1]. tread_keep: boolean keep mask [B, N] for routing;
+        tread_rate: route with a random mask at this rate instead (0 or None = off), drawn from `generator`.
+        """
+        cfg, p = self.config, self.config.patch_size
+        b, _, height, width = x.shape
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by patch_size {p}; "
+                             f"use image sides that are multiples of {8 * p} px")
+        h, w = height // p, width // p
+        n = h * w
+        dtype = x.dtype
+
+        tokens = self.in_patch(x)                                                     # (B, N, D)
+        if pos_map is None:
+            pos = make_axial_pos(h, w, device=x.device).expand(b, n, 2)
+        else:
+            pos = downsample_pos(pos_map.to(x.device), height, width, p).expand(b, n, 2)  # (B, N, 2)
+
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+        cond = self.time_emb(t, dtype)                                                # (B, 1, D)
+        if aspect is not None and cfg.addon_info_embs_dim:
+            aspect = torch.as_tensor(aspect, device=x.device, dtype=dtype).reshape(-1, cfg.addon_info_embs_dim)
+            cond = cond + self.addon_info_embs_proj(aspect.expand(b, -1))[:, None]
+        mods = {}
+        for name in MOD_NAMES:
+            scale, shift, gate = getattr(self, f"shared_adaln_{name}")(cond).chunk(3, dim=-1)
+            mods[name] = Modulation(1 + scale, shift, 1 + gate)
+
+        if ctx is None:  # the official fallback: ctx_size all-zero text states
+            ctx = x.new_zeros(b, cfg.ctx_size, cfg.ctx_dim)
+        text = self.ctx_proj(ctx.to(dtype)).expand(b, -1, -1)                          # (B, L, D)
+        seq = torch.cat((tokens, text), dim=1)                                        # (B, N + L, D)
+        pos = torch.cat((pos, pos.new_zeros(b, text.shape[1], 2)), dim=1)             # text at (0, 0)
+
+        for block in self.prev_tread_trns.blocks:
+            seq = self._run(block, seq, pos, mods)
+
+        if tread_keep is None and tread_rate:
+            tread_keep = random_keep_mask(b, n, tread_rate, generator=generator, device=x.device)
+        if tread_keep is not None:
+            if tread_keep.shape != (b, n):
+                raise ValueError(f"tread_keep must be [B, N] = [{b}, {n}], got {list(tread_keep.shape)}")
+            kept, index = select_tokens(seq[:, :n], tread_keep)                       # (B, K, D)
+            kept_pos, _ = select_tokens(pos[:, :n], tread_keep)
+            routed = self._backbone(torch.cat((kept, seq[:, n:]), 1),
+                                    torch.cat((kept_pos, pos[:, n:]), 1), mods)       # (B, K + L, D)
+            k = index.shape[1]
+            seq = torch.cat((restore_tokens(seq[:, :n], routed[:, :k], index), routed[:, k:]), dim=1)
+        else:
+            seq = self._backbone(seq, pos, mods)
+
+        for block in self.post_tread_trns.blocks:
+            seq = self._run(block, seq, pos, mods)
+        return self.out_patch(seq[:, :n], h, w)                                       # (B, C, H, W)
+
+    def _backbone(self, seq: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation]) -> torch.Tensor:
+        for group in self.backbone.enc_blocks:
+            for block in group:
+                seq = self._run(block, seq, pos, mods)
+        memory = seq  # every decoder group cross-attends to the LAST encoder output
+        for group in self.backbone.dec_blocks:
+            for block in group:
+                seq = self._run(block, seq, pos, mods, memory if block.has_cross else None)
+        return seq
