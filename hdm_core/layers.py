@@ -142,9 +142,10 @@ class TimestepEmbedding(nn.Module):
         self.proj = nn.Sequential(ops.Linear(dim, dim, dtype=dtype, device=device), nn.Mish())
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # Sinusoids in float32 whatever the model dtype; the buffer is loaded as stored (SPEC §10).
-        tau = 1000 * t.float().reshape(-1, 1)                                 # (B, 1)
-        angles = tau * self.freqs.float()                                     # (B, D/2)
+        # Sinusoids in (at least) float32 whatever the model dtype; the buffer is used as stored (SPEC §10).
+        precise = torch.promote_types(dtype, torch.float32)
+        tau = 1000 * t.to(precise).reshape(-1, 1)                             # (B, 1)
+        angles = tau * self.freqs.to(precise)                                 # (B, D/2)
         emb = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)       # cos first
         return self.proj(emb)[:, None]                                        # (B, 1, D)
 

@@ -1,0 +1,126 @@
+"""Flow samplers with the k-diffusion contract (as ComfyUI vendors it).
+
+`model(x, sigma) -> denoised` with sigma a tensor [B]; `sigmas` a decreasing schedule ending at 0; the callback
+gets {"x", "i", "sigma", "sigma_hat", "denoised"} after each step and may raise to cancel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .flow import shift_sigmas
+
+Denoiser = Callable[..., torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+
+
+class SamplingCancelled(Exception):
+    """Raised (by a callback or a cancel check) to stop sampling between steps."""
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The official uniform schedule 1, 1 − 1/n, … (float32 repeated subtraction, as the official loop), then 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t, dt, ts = torch.ones((), dtype=torch.float32), 1.0 / steps, []
+    for _ in range(steps):
+        ts.append(t)
+        t = t - dt
+    return torch.cat((shift_sigmas(torch.stack(ts), shift), torch.zeros(1)))
+
+
+def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a schedule that img2img at `strength` (0 = keep the input, 1 = from noise) runs."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"img2img strength (denoise) must be in [0, 1], got {strength}")
+    steps = len(sigmas) - 1
+    return sigmas[steps - round(steps * strength):]
+
+
+def _report(callback: Callback | None, x: torch.Tensor, i: int, sigma: torch.Tensor,
+            denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+
+
+def _sigma(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(x.device).expand(x.shape[0])
+
+
+@torch.no_grad()
+def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                 callback: Callback | None = None) -> torch.Tensor:
+    """Euler on dx/dσ = (x − denoised)/σ; with `flow_sigmas` this is the official HDM sampler."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        sigma = _sigma(sigmas[i], x)
+        denoised = model(x, sigma, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        _report(callback, x, i, sigma, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                callback: Callback | None = None) -> torch.Tensor:
+    """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn); Euler on the last step."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, _sigma(sigma, x), **extra_args)
+        d = (x - denoised) / sigma
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - model(x_euler, _sigma(sigma_next, x), **extra_args)) / sigma_next
+            x = x + (d + d_next) / 2 * (sigma_next - sigma)
+        _report(callback, x, i, _sigma(sigma, x), denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) for flow: α = 1 − σ, λ = ln(α/σ), data prediction, multistep."""
+    extra_args = extra_args or {}
+    lam = [math.log((1 - s) / s) if 0 < s < 1 else (math.inf if s == 0 else -math.inf)
+           for s in sigmas.tolist()]
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        denoised = model(x, _sigma(sigmas[i], x), **extra_args)
+        if s_next == 0:
+            x = denoised
+        else:
+            # x' = (σ'/σ)·x − α'·(e^{−h} − 1)·D, with e^{−h} = α σ' / (σ α') (finite even at σ = 1)
+            alpha, alpha_next = 1 - s, 1 - s_next
+            x = (s_next / s) * x - (alpha * s_next / s - alpha_next) * _multistep(
+                denoised, old_denoised, lam[i + 1] - lam[i], h_last)
+        old_denoised, h_last = denoised, lam[i + 1] - lam[i]
+        _report(callback, x, i, _sigma(sigmas[i], x), denoised)
+    return x
+
+
+def _multistep(denoised: torch.Tensor, old: torch.Tensor | None, h: float, h_last: float | None) -> torch.Tensor:
+    """Second-order combination of the last two data predictions (first order when undefined)."""
+    if old is None or h_last is None or not math.isfinite(h_last) or not math.isfinite(h):
+        return denoised
+    r = h_last / h
+    return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance v = v_u + s·(v_c − v_u) (equivalent on x0, since x0 is affine in v)."""
+    return v_uncond + scale * (v_cond - v_uncond)
