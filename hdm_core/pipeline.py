@@ -13,7 +13,7 @@ import torch
 from .checkpoint import HDMComponents
 from .flow import denoised_from_velocity, interpolate
 from .rope import aspect_info, camera_position_map
-from .sampling import SAMPLERS, cfg_velocity, flow_sigmas, img2img_sigmas
+from .sampling import SAMPLERS, cfg_velocity, flow_sigmas
 
 
 @dataclass
@@ -113,14 +113,14 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
                             gamma_cond=params.tread_gamma_cond, gamma_uncond=params.tread_gamma_uncond,
                             generator=generator)
 
-    sigmas = flow_sigmas(params.steps, params.shift).to(device)
+    img2img = init_image is not None and params.strength < 1.0
+    sigmas = flow_sigmas(params.steps, params.shift, params.strength if img2img else 1.0).to(device)
     noise = seeded_noise((b, cfg.input_dim, lat_h, lat_w), params.seed).to(device)
-    if init_image is not None and params.strength < 1.0:
+    if img2img:
         x0 = vae.encode(init_image.to(device) * 2 - 1, sample=False).float()
         if x0.shape[-2:] != noise.shape[-2:]:
             raise ValueError(f"init image gives a {tuple(x0.shape[-2:])} latent but the requested size needs "
                              f"{tuple(noise.shape[-2:])}; resize the image to {params.width}x{params.height}")
-        sigmas = img2img_sigmas(sigmas, params.strength)
         x = interpolate(x0.expand_as(noise), noise, sigmas[0])
     else:
         x = noise

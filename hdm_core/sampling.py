@@ -21,23 +21,22 @@ class SamplingCancelled(Exception):
     """Raised (by a callback or a cancel check) to stop sampling between steps."""
 
 
-def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """The official uniform schedule 1, 1 − 1/n, … (float32 repeated subtraction, as the official loop), then 0."""
+def flow_sigmas(steps: int, shift: float = 1.0, denoise: float = 1.0) -> torch.Tensor:
+    """The official uniform schedule 1, 1 − 1/n, … (float32 repeated subtraction, as the official loop), then 0.
+
+    denoise < 1 (img2img) keeps the last `steps` steps of a ⌊steps/denoise⌋-step schedule, as ComfyUI does,
+    so sampling starts near σ = denoise and still takes `steps` steps.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    t, dt, ts = torch.ones((), dtype=torch.float32), 1.0 / steps, []
-    for _ in range(steps):
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise (img2img strength) must be in (0, 1], got {denoise}")
+    total = int(steps / denoise)
+    t, dt, ts = torch.ones((), dtype=torch.float32), 1.0 / total, []
+    for _ in range(total):
         ts.append(t)
         t = t - dt
-    return torch.cat((shift_sigmas(torch.stack(ts), shift), torch.zeros(1)))
-
-
-def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
-    """The tail of a schedule that img2img at `strength` (0 = keep the input, 1 = from noise) runs."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"img2img strength (denoise) must be in [0, 1], got {strength}")
-    steps = len(sigmas) - 1
-    return sigmas[steps - round(steps * strength):]
+    return torch.cat((shift_sigmas(torch.stack(ts), shift), torch.zeros(1)))[-(steps + 1):]
 
 
 def _report(callback: Callback | None, x: torch.Tensor, i: int, sigma: torch.Tensor,

@@ -53,7 +53,9 @@ def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> PreTrainedTokenizerBase:
     path = Path(path)
     missing = [f for f in ("vocab.json", "merges.txt", "tokenizer_config.json") if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"tokenizer folder {path} lacks {missing}; point load_tokenizer at a Qwen3 tokenizer folder")
+        raise FileNotFoundError(
+            f"tokenizer folder {path} lacks {missing}; point load_tokenizer at a Qwen3 tokenizer folder"
+        )
     tokenizer = Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id != PAD_TOKEN_ID:
         raise ValueError(
@@ -121,7 +123,8 @@ def te_state_dict_from(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(
             f"no Qwen3 text-encoder keys found (looked for '{TE_PREFIX}*', '{CAUSAL_LM_PREFIX}embed_tokens.weight' "
-            f"and 'embed_tokens.weight'); first keys are {list(sd)[:5]}; pass a checkpoint that contains the text encoder"
+            f"and 'embed_tokens.weight'); first keys are {list(sd)[:5]}; "
+            "pass a checkpoint that contains the text encoder"
         )
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in out.items() if k.startswith(_QWEN3_ROOTS)}
@@ -226,7 +229,7 @@ class TextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode_padded(self, prompts: list[str] | str, max_length: int = 256) -> torch.Tensor:
-        """Training-style batch: right-pad with PAD_TOKEN_ID to max_length, truncate, mask into Qwen3 -> [B, T, hidden]."""
+        """Training batch: right-pad with PAD_TOKEN_ID to max_length, truncate, mask into Qwen3 -> [B, T, hidden]."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if max_length < 1:

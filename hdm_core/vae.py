@@ -104,7 +104,9 @@ def _stats(value: torch.Tensor | None, default: tuple[float, ...], name: str, ch
     """Per-channel statistic as a float32 [1, C, 1, 1] tensor, validated against the latent channel count."""
     t = torch.tensor(default) if value is None else value.detach().float().cpu()
     if t.numel() != channels:
-        raise ValueError(f"{name} has {t.numel()} values but the VAE has {channels} latent channels; check the checkpoint")
+        raise ValueError(
+            f"{name} has {t.numel()} values but the VAE has {channels} latent channels; check the checkpoint"
+        )
     return t.reshape(1, channels, 1, 1).float()
 
 
@@ -196,8 +198,9 @@ class LatentVAE(torch.nn.Module):
 
     def _tiled_decode(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """diffusers' overlapping-tile decode with `tile`-pixel tiles (25 % overlap, linear blending)."""
-        if tile % self.downscale_factor or tile < 2 * self.downscale_factor:
-            raise ValueError(f"tile {tile} must be a multiple of {self.downscale_factor} px and >= {2 * self.downscale_factor}")
+        f = self.downscale_factor
+        if tile % f or tile < 2 * f:
+            raise ValueError(f"tile {tile} must be a multiple of {f} px and >= {2 * f}; e.g. tile=1024")
         vae = self.vae
         saved = vae.tile_sample_min_size, vae.tile_latent_min_size
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // self.downscale_factor

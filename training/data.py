@@ -1,0 +1,314 @@
+"""Training data: kohya-style captions, the shifted square crop with its position map (SPEC §4.4), aspect-ratio
+buckets, and an image-folder source whose order is a pure function of (seed, epoch), so a resumed run reads
+exactly the batches an uninterrupted one would.
+
+Every sample's randomness (crop offset, tag dropout and shuffle) comes from a `random.Random` seeded with
+(seed, epoch, index), so results do not depend on the number of loader workers. Unreadable images are
+replaced by the next readable one and counted in `batch["skipped"]`, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+
+log = logging.getLogger("training.data")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_CORRUPT_IN_A_ROW = 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaptionRules:
+    keep_separator: str = "|||"
+    group_separator: str = "%%"
+    tag_separator: str = "$$"
+    tag_dropout: float = 0.0
+    group_dropout: float = 0.0
+    shuffle: bool = False
+    caption_dropout: float = 0.0
+
+
+def process_caption(text: str, rules: CaptionRules, rng: random.Random) -> str:
+    """HDM/kohya caption augmentation: keep section, then groups of tags, each dropped and shuffled (TRAINING §5.3).
+
+    `keep|||g1tag1$$g1tag2%%g2tag1` → keep tags in order, then the surviving groups' surviving tags, joined ", ".
+    A caption without separators is one tag in one group.
+    """
+    if rules.caption_dropout and rng.random() < rules.caption_dropout:
+        return ""
+    text = text.strip()
+    keep: list[str] = []
+    if rules.keep_separator and rules.keep_separator in text:
+        head, text = text.split(rules.keep_separator, 1)
+        keep = [t.strip() for t in head.split(rules.tag_separator) if t.strip()]
+    groups = [g for g in text.split(rules.group_separator)] if rules.group_separator else [text]
+    out: list[list[str]] = []
+    for group in groups:
+        tags = [t.strip() for t in group.split(rules.tag_separator) if t.strip()]
+        tags = [t for t in tags if not (rules.tag_dropout and rng.random() < rules.tag_dropout)]
+        if rules.shuffle:
+            rng.shuffle(tags)
+        if tags:
+            out.append(tags)
+    if rules.shuffle:
+        rng.shuffle(out)
+    out = [g for g in out if not (rules.group_dropout and rng.random() < rules.group_dropout)]
+    return ", ".join(keep + [t for g in out for t in g])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Crops, position maps, buckets
+# ---------------------------------------------------------------------------------------------------
+
+def resize_and_crop(img: Image.Image, height: int, width: int,
+                    rng: random.Random) -> tuple[Image.Image, int, int, int, int]:
+    """Resize (bicubic) so the image covers height × width, then take a random window of that size.
+
+    With height == width == S this is HDM's shifted square crop: short side → S, random offset along the long
+    side. Returns (crop, top, left, resized_h, resized_w); the offset is uniform in [0, excess] (the official
+    loader never draws the last offset; including it is harmless and keeps the crop symmetric).
+    """
+    w0, h0 = img.size
+    scale = max(width / w0, height / h0)
+    rw, rh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    if (rw, rh) != (w0, h0):
+        img = img.resize((rw, rh), Image.BICUBIC)
+    top, left = rng.randint(0, rh - height), rng.randint(0, rw - width)
+    return img.crop((left, top, left + width, top + height)), top, left, rh, rw
+
+
+def _axis_centres(n_full: int, long_side: int, start: int, length: int, factor: int) -> torch.Tensor:
+    """Pixel-centre coordinates of [start, start+length) on an axis of n_full pixels, averaged per `factor`."""
+    extent = n_full / long_side
+    c = -extent + (torch.arange(start, start + length, dtype=torch.float64) + 0.5) * (2 / long_side)
+    return c.reshape(-1, factor).mean(1)
+
+
+def crop_position_map(full_h: int, full_w: int, top: int, left: int, height: int, width: int,
+                      factor: int) -> torch.Tensor:
+    """Latent-resolution position map [(height/f)·(width/f), 2] of a crop of a full_h × full_w image.
+
+    Equals area_downsample_pos(crop_pos(make_axial_pos(full_h, full_w), …), …, factor) (SPEC §4.4) but is
+    computed per axis, since the map is separable (no full-resolution map is ever built).
+    """
+    if height % factor or width % factor:
+        raise ValueError(f"crop {height}x{width} is not divisible by the VAE factor {factor}")
+    long_side = max(full_h, full_w)
+    ys = _axis_centres(full_h, long_side, top, height, factor)
+    xs = _axis_centres(full_w, long_side, left, width, factor)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).float()
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution² pixels, sides multiples of `step`, ratio <= max_ratio."""
+    area, buckets = resolution * resolution, {(resolution, resolution)}
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w, h) / min(w, h) <= max_ratio:
+            buckets.update({(h, w), (w, h)})
+        w += step
+    return sorted(buckets)
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], height: int, width: int) -> tuple[int, int]:
+    """The bucket whose log aspect ratio is closest to the image's."""
+    target = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - target), b))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One sample
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a decoded image becomes a training sample."""
+
+    resolution: int
+    factor: int                  # pixels per latent cell (8 for the EQ-VAE, 1 for pixel space)
+    rules: CaptionRules
+
+
+def make_sample(img: Image.Image, caption: str, size: tuple[int, int], spec: SampleSpec,
+                rng: random.Random) -> dict[str, Any]:
+    """Crop an RGB image to `size` (h, w) with its position map and aspect; augment the caption."""
+    crop, top, left, rh, rw = resize_and_crop(img.convert("RGB"), size[0], size[1], rng)
+    pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
+    return {
+        "pixels": pixels.permute(2, 0, 1).contiguous(),                                   # (3, h, w) uint8
+        "pos": crop_position_map(rh, rw, top, left, size[0], size[1], spec.factor),       # (h/f · w/f, 2)
+        "aspect": math.log(rw / rh),                                                      # of the uncropped image
+        "caption": process_caption(caption, spec.rules, rng),
+    }
+
+
+def open_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later); raises on anything unreadable."""
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img.load()
+    if img.width < 1 or img.height < 1:
+        raise ValueError("empty image")
+    return img
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {"captions": [s["caption"] for s in samples],
+             "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
+             "skipped": sum(s.get("skipped", 0) for s in samples),
+             "skipped_files": [f for s in samples for f in s.get("skipped_files", [])],
+             "position": samples[0].get("position")}
+    for key in ("pixels", "pos", "latent_mean", "latent_std", "ctx"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image folder (map-style) with a deterministic, resumable batch plan
+# ---------------------------------------------------------------------------------------------------
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All images under root (recursively), sorted, so every rank sees the same list."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path {root} is not a folder; point it at a folder of images with "
+                                f"same-name .txt captions, or at tar shards (*.tar)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
+    return files
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images with same-stem .txt captions (a missing .txt is an empty caption). Keys are (index, epoch, h, w)."""
+
+    def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int, cache: str = "") -> None:
+        self.root, self.files, self.spec, self.seed = Path(root), list_images(root), spec, seed
+        self.cache = Path(cache) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, i: int) -> str:
+        txt = self.files[i].with_suffix(".txt")
+        return txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """(height, width) from the header only; None when unreadable."""
+        try:
+            with Image.open(self.files[i]) as img:
+                return img.height, img.width
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped, whatever the decoder raises
+            return None
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        index, epoch, h, w = key[:4]
+        skipped = []
+        for attempt in range(MAX_CORRUPT_IN_A_ROW):
+            i = (index + attempt) % len(self.files)
+            rng = random.Random(f"{self.seed}/{epoch}/{i}")
+            try:
+                sample = self._load(i, (h, w), rng)
+                break
+            except Exception as err:  # noqa: BLE001
+                log.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
+                skipped.append(str(self.files[i]))
+        else:
+            raise RuntimeError(f"{MAX_CORRUPT_IN_A_ROW} unreadable images in a row near {self.files[index]}; "
+                               f"check the dataset (e.g. with PIL) before training")
+        sample["skipped"], sample["skipped_files"] = len(skipped), skipped
+        sample["position"] = (epoch, key[4] if len(key) > 4 else 0)
+        return sample
+
+    def _load(self, i: int, size: tuple[int, int], rng: random.Random) -> dict[str, Any]:
+        if self.cache is not None:
+            from .cache import load_cached_sample
+            return load_cached_sample(self.cache, self.files[i].relative_to(self.root), self.caption(i),
+                                      size, self.spec, rng)
+        return make_sample(open_image(self.files[i]), self.caption(i), size, self.spec, rng)
+
+
+def epoch_plan(sizes: list[tuple[int, int] | None], epoch: int, seed: int, batch_size: int, rank: int,
+               world: int, buckets: list[tuple[int, int]] | None) -> list[list[tuple[int, int, int, int]]]:
+    """This rank's batches for one epoch: a seeded permutation cut into batches (one bucket per batch),
+    the global batch list shuffled, then dealt round-robin so every rank gets the same number of batches."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(sizes), generator=g).tolist()
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        if buckets is None:
+            size = None
+        elif sizes[i] is None:
+            continue  # unreadable header: never planned (counted at start-up)
+        else:
+            size = nearest_bucket(buckets, *sizes[i])
+        by_bucket.setdefault(size, []).append(i)
+    batches = [(b, idx[k:k + batch_size]) for b, idx in sorted(by_bucket.items(), key=lambda kv: str(kv[0]))
+               for k in range(0, len(idx) - batch_size + 1, batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    batches = [batches[p] for p in perm]
+    per_rank = len(batches) // world
+    if per_rank == 0:
+        raise ValueError(f"{len(sizes)} images give {len(batches)} full batches of {batch_size}, fewer than the "
+                         f"{world} ranks; lower train.batch_size or add data")
+    return [[(i, epoch, *(size or (0, 0))) for i in idx] for size, idx in batches[rank::world][:per_rank]]
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """Endless batch sampler over epochs from (epoch, batch); keys are (index, epoch, h, w, batch)."""
+
+    def __init__(self, sizes: list, seed: int, batch_size: int, rank: int, world: int,
+                 buckets: list[tuple[int, int]] | None, resolution: int, start: tuple[int, int] = (0, 0)) -> None:
+        self.sizes, self.seed, self.batch_size, self.rank, self.world = sizes, seed, batch_size, rank, world
+        self.buckets, self.resolution, self.start = buckets, resolution, start
+        self.batches_per_epoch = len(self.plan(0))
+
+    def plan(self, epoch: int) -> list[list[tuple[int, int, int, int]]]:
+        return epoch_plan(self.sizes, epoch, self.seed, self.batch_size, self.rank, self.world, self.buckets)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
+        epoch, first, r = *self.start, self.resolution
+        while True:
+            plan = self.plan(epoch)
+            for b in range(first, len(plan)):
+                yield [(i, e, h or r, w or r, b) for i, e, h, w in plan[b]]
+            epoch, first = epoch + 1, 0
+
+
+class FolderSource:
+    """Endless iterator of collated batches from an image folder; `state()` is the next (epoch, batch)."""
+
+    def __init__(self, dataset: FolderDataset, batch_size: int, rank: int, world: int, workers: int,
+                 buckets: list[tuple[int, int]] | None, state: dict | None = None) -> None:
+        sizes = [dataset.image_size(i) for i in range(len(dataset))] if buckets else [None] * len(dataset)
+        self.unreadable_at_start = sum(s is None for s in sizes) if buckets else 0
+        self.position = (state["epoch"], state["batch"]) if state else (0, 0)
+        self.sampler = PlanSampler(sizes, dataset.seed, batch_size, rank, world, buckets,
+                                   dataset.spec.resolution, self.position)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            epoch, b = batch["position"]
+            self.position = (epoch, b + 1) if b + 1 < self.batches_per_epoch else (epoch + 1, 0)
+            yield batch
+
+    def state(self) -> dict:
+        return {"epoch": self.position[0], "batch": self.position[1]}

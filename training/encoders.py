@@ -1,0 +1,104 @@
+"""The frozen encoders named by a recipe: Qwen3 text encoder and VAE, from a file or randomly initialised.
+
+Sources (recipe `model.text_encoder` / `model.vae`):
+- a path: the released single file (`te.text_models.0.*`, `vae.*`), a Qwen3 / Qwen3ForCausalLM safetensors, or a
+  diffusers AutoencoderKL safetensors;
+- "random:<spec>": frozen weights drawn from a seeded generator, for tests, demos and benchmarks. <spec> is a
+  preset name and/or comma-separated key=value pairs, e.g. "random:tiny", "random:tiny,seed=3",
+  "random:hidden_size=64,num_hidden_layers=2" (text encoder) or "random:sdxl" (VAE, a random EQ-VAE-shaped model);
+- "pixel" (VAE only): pixel space, the latent is the image in [-1, 1] (XUT input_dim 3).
+The same spec and seed always give the same weights, and an export stores them, so a reload matches.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import torch
+
+from hdm_core.checkpoint import TE_PREFIX, VAE_PREFIX, SafetensorsFile
+
+RANDOM_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
+    # Matches xut-tiny's ctx_dim 48. The vocabulary stays Qwen3's, so the real tokenizer works.
+    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=24),
+    "qwen3-0.6b": {},  # full size, for benchmarks
+}
+RANDOM_VAES: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),  # 8x downscale, 4 channels
+    "sdxl": {},
+}
+
+
+def parse_random_spec(spec: str, presets: dict[str, dict]) -> tuple[dict[str, Any], int]:
+    """'random:tiny,seed=3,num_hidden_layers=4' → (config overrides, seed)."""
+    body = spec.split(":", 1)[1]
+    config: dict[str, Any] = {}
+    seed = 0
+    for part in (p.strip() for p in body.split(",") if p.strip()):
+        if "=" not in part:
+            if part not in presets:
+                raise ValueError(f"unknown random preset {part!r} in {spec!r}; known: {sorted(presets)}")
+            config.update(presets[part])
+            continue
+        key, raw = (s.strip() for s in part.split("=", 1))
+        value = tomllib.loads(f"v = {raw}")["v"]
+        if key == "seed":
+            seed = int(value)
+        else:
+            config[key] = value
+    return config, seed
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def build_text_encoder(source: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """A frozen hdm_core TextEncoder from a path or a "random:" spec."""
+    from hdm_core.text_encoder import TextEncoder, build_qwen3
+
+    if not source:
+        raise ValueError("model.text_encoder is empty; set it to the released checkpoint, a Qwen3-0.6B "
+                         "safetensors file, or 'random:tiny' for a CPU test run")
+    if source.startswith("random:"):
+        config, seed = parse_random_spec(source, RANDOM_TEXT_ENCODERS)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_qwen3(config, dtype=torch.float32, device="cpu")
+        return _frozen(TextEncoder(model.to(device=device, dtype=dtype)))
+    f = SafetensorsFile(source)
+    sd = f.part(TE_PREFIX) if f.has(TE_PREFIX) else f.part("")
+    return _frozen(TextEncoder.from_state_dict(sd, dtype=dtype, device=device))
+
+
+def build_vae(source: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """A frozen LatentVAE (or PixelSpace for "pixel") from a path or a "random:" spec."""
+    from hdm_core.vae import LatentVAE, PixelSpace, build_autoencoder
+
+    if source == "pixel":
+        return PixelSpace()
+    if not source:
+        raise ValueError("model.vae is empty; set it to the released checkpoint or an EQ-SDXL-VAE safetensors "
+                         "file, 'pixel' for pixel space, or 'random:tiny' for a CPU test run")
+    if source.startswith("random:"):
+        config, seed = parse_random_spec(source, RANDOM_VAES)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = build_autoencoder(config, device="cpu")
+        return _frozen(LatentVAE(vae.to(device=device, dtype=dtype)))
+    f = SafetensorsFile(source)
+    if f.has(VAE_PREFIX):
+        sd = {VAE_PREFIX + k: v for k, v in f.part(VAE_PREFIX).items()}
+        sd.update({k: f.get(k) for k in ("vae_mean", "vae_std") if k in f.keys})
+    else:
+        sd = f.part("")
+    return _frozen(LatentVAE.from_state_dict(sd, dtype=dtype, device=device))
+
+
+def vae_export_parts(vae: Any) -> dict[str, Any]:
+    """Keyword arguments of hdm_core.checkpoint.save_single_file that store this VAE."""
+    if getattr(vae, "downscale_factor", None) == 1 and not hasattr(vae, "vae"):
+        return {"pixel_space": True}
+    return {"vae_sd": vae.vae.state_dict(), "vae_mean": vae.mean, "vae_std": vae.std}

@@ -1,0 +1,219 @@
+"""Training recipes: one TOML file per stage, parsed into a `Recipe` dataclass. Unknown keys are an error.
+
+A recipe has a top-level `name`, an optional `notes` string, and five tables: [model], [data], [optim],
+[train], [run]. Overrides use dotted keys (`optim.lr=0.1`, `data.path="/data/set"`); values are parsed as
+TOML, and anything that is not valid TOML is taken as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelSection:
+    preset: str = "xut-base"             # a name in hdm_core.config.PRESETS
+    config: dict = field(default_factory=dict)  # XUTConfig fields that override the preset
+    init_from: str = ""                  # "" = from scratch; else a .safetensors export or a training .pt
+    text_encoder: str = ""               # checkpoint / Qwen3 safetensors path, or "random:<spec>"
+    vae: str = ""                        # checkpoint / VAE safetensors path, or "pixel"
+    max_length: int = 256                # text tokens per caption (right-padded, as the official trainer)
+    tread_rate: float = 0.5              # fraction of image tokens routed around the backbone; 0 = off
+    gradient_checkpointing: bool = True
+    compile: bool = False
+    encoder_dtype: str = "fp16"          # dtype of the frozen text encoder and VAE on GPU (fp32 on CPU)
+
+
+@dataclass
+class DataSection:
+    path: str = ""                       # image folder, or tar shards ("shards/*.tar", "s/{000..099}.tar")
+    resolution: int = 256                # short side after resize = side of the square crop
+    bucketing: bool = False              # aspect-ratio buckets of ~resolution² area instead of square crops
+    bucket_step: int = 64                # bucket side granularity in pixels
+    bucket_max_ratio: float = 2.0        # longest/shortest side allowed for a bucket
+    keep_separator: str = "|||"          # text before it is always kept, in order
+    group_separator: str = "%%"
+    tag_separator: str = "$$"
+    tag_dropout: float = 0.25
+    group_dropout: float = 0.3
+    shuffle_tags: bool = True
+    caption_dropout: float = 0.0         # whole caption -> "" (for CFG); the official trainer has none
+    workers: int = 8
+    shuffle_buffer: int = 1000           # tar streams: samples held for shuffling within a rank
+    num_samples: int = 0                 # tar streams: dataset size (0 = count the shards at start-up)
+    cache: str = ""                      # folder written by `python -m training.cache` (latents, text)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 0.5                      # muP with base_dim: the LR of a tensor is lr * base_dim / fan_in
+    base_dim: int = 1
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.02
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01           # cosine ends at this fraction of the peak
+    grad_clip: float = 3.0               # global L2 norm; 0 = off
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 1.0
+    max_steps: int = 0                   # > 0 overrides epochs
+    batch_size: int = 128                # per GPU (per process)
+    grad_accum: int = 1
+    reference_world_size: int = 4        # GPUs the recipe was tuned for; a different global batch warns
+    precision: str = "bf16"              # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
+    ema_decay: float = 0.0               # 0 = no EMA
+    seed: int = 20090220
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs"                # the run folder is out_dir/name
+    log_every: int = 10
+    save_every: int = 500                # optimizer steps between checkpoints
+    keep_last: int = 3
+    sample_every: int = 0                # optimizer steps between sample grids; 0 = off
+    sample_prompts: list = field(default_factory=list)
+    sample_steps: int = 32
+    sample_cfg: float = 2.5
+    sample_seed: int = 0
+    tensorboard: bool = True
+    export_dtype: str = "fp16"           # dtype of the released-layout export written at the end
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    notes: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+                    "train": TrainSection, "run": RunSection}
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys are {sorted(fields)}")
+    out = {}
+    for key, value in values.items():
+        default = fields[key].default if fields[key].default is not dataclasses.MISSING \
+            else fields[key].default_factory()
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{where}.{key} must be true or false, got {value!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(default, bool) and type(default) in (int, float, str, list, dict) \
+                and not isinstance(value, type(default)):
+            raise ValueError(f"{where}.{key} must be a {type(default).__name__}, got {value!r}")
+        out[key] = value
+    return cls(**out)
+
+
+def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a nested dict (as tomllib returns it)."""
+    d = dict(d)
+    top = {k: d.pop(k) for k in ("name", "notes") if k in d}
+    unknown = sorted(k for k in d if k not in _SECTION_CLASSES)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed are name, notes and the tables "
+                         f"{sorted(_SECTION_CLASSES)}")
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        value = d.get(name, {})
+        if not isinstance(value, dict):
+            raise ValueError(f"[{name}] in {where} must be a table, got {value!r}")
+        sections[name] = _build(cls, value, f"[{name}] of {where}")
+    recipe = Recipe(**top, **sections)
+    validate(recipe)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.1' -> (['optim', 'lr'], 0.1); the value is TOML, or a bare string if it is not."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(d: dict, overrides: Iterable[str]) -> dict:
+    """Apply dotted-key overrides to a nested recipe dict (a copy)."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = d
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return d
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe TOML, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found; the shipped ones are in training/recipes/")
+    with path.open("rb") as f:
+        d = tomllib.load(f)
+    return recipe_from_dict(apply_overrides(d, overrides), where=str(path))
+
+
+def validate(r: Recipe) -> None:
+    """Check values that would otherwise fail deep inside training; messages name the value and the fix."""
+    m, dt, o, t = r.model, r.data, r.optim, r.train
+    if not 0.0 <= m.tread_rate < 1.0:
+        raise ValueError(f"model.tread_rate {m.tread_rate} must be in [0, 1); 0 disables TREAD")
+    if m.max_length < 1:
+        raise ValueError(f"model.max_length {m.max_length} must be >= 1 (the official value is 256)")
+    if t.precision not in PRECISIONS or m.encoder_dtype not in PRECISIONS:
+        raise ValueError(f"train.precision {t.precision!r} / model.encoder_dtype {m.encoder_dtype!r} must be "
+                         f"one of {PRECISIONS}")
+    if r.run.export_dtype not in PRECISIONS:
+        raise ValueError(f"run.export_dtype {r.run.export_dtype!r} must be one of {PRECISIONS}")
+    if dt.resolution < 2 or dt.resolution % 2:
+        raise ValueError(f"data.resolution {dt.resolution} must be an even number of pixels (a multiple of 16 "
+                         f"with a VAE)")
+    for name in ("tag_dropout", "group_dropout", "caption_dropout"):
+        if not 0.0 <= getattr(dt, name) <= 1.0:
+            raise ValueError(f"data.{name} {getattr(dt, name)} must be a probability in [0, 1]")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ValueError(f"optim.betas {o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.995]")
+    if o.lr <= 0 or o.base_dim < 1 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim: lr {o.lr} must be > 0, base_dim {o.base_dim} >= 1, warmup_steps "
+                         f"{o.warmup_steps} >= 0 and min_lr_ratio {o.min_lr_ratio} in [0, 1]")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ValueError(f"train.batch_size {t.batch_size} and train.grad_accum {t.grad_accum} must be >= 1")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay {t.ema_decay} must be in [0, 1); 0 disables EMA (DiT uses 0.9999)")
+    if r.run.keep_last < 1 or r.run.save_every < 1 or r.run.log_every < 1:
+        raise ValueError("run.keep_last, run.save_every and run.log_every must be >= 1")
