@@ -87,6 +87,9 @@ def model_config(recipe: Recipe, init_config: XUTConfig | None) -> XUTConfig:
 def make_source(recipe: Recipe, spec: SampleSpec, rank: int, world: int, state: dict | None) -> tuple[Any, int]:
     """The rank's endless batch iterator (folder or tar shards) and its micro-batches per epoch."""
     d, batch = recipe.data, recipe.train.batch_size
+    if not d.path:
+        raise ValueError("data.path is empty; pass data.path=/path/to/images (a folder with .txt captions) "
+                         "or data.path='/path/to/shards/*.tar'")
     buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio) if d.bucketing else None
     if d.path.endswith(".tar") or any(c in d.path for c in "*{,"):
         shards = expand_shards(d.path)

@@ -1,0 +1,120 @@
+"""Optional cache of VAE latents (and text embeddings) for an image folder, so training skips the VAE encoder.
+
+    python -m training.cache --config training/recipes/stage1_256.toml data.cache=/data/cache256
+    torchrun --standalone --nproc_per_node=4 -m training.cache --config … data.cache=/data/cache256
+
+For every image it stores the VAE posterior (mean, std) of the *whole* image resized so its short side is
+data.resolution (both sides rounded to the VAE × patch unit), so the shifted square crop still happens at
+training time, in latent space (8-px offset granularity), and a fresh posterior sample is drawn every step.
+The text embedding of the caption is stored too, and used only when the recipe does not augment captions
+(tag/group dropout 0, no shuffle, no caption dropout); otherwise captions are encoded online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import CaptionRules, SampleSpec, crop_position_map, list_images, open_image, process_caption
+
+
+def cache_file(cache: Path, relative: Path) -> Path:
+    return Path(cache) / relative.with_suffix(".safetensors")
+
+
+def load_cached_sample(cache: Path, relative: Path, caption: str, size: tuple[int, int], spec: SampleSpec,
+                       rng: random.Random) -> dict[str, Any]:
+    """A training sample from the cache: random latent-space crop of `size` pixels and its position map."""
+    path = cache_file(cache, relative)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the cache; rerun python -m training.cache")
+    t = load_file(str(path))
+    f = spec.factor
+    _, lh, lw = t["mean"].shape
+    ch, cw = size[0] // f, size[1] // f
+    if ch > lh or cw > lw:
+        raise ValueError(f"cached latent {lh}x{lw} is smaller than the {size} crop; rebuild the cache at "
+                         f"data.resolution {spec.resolution}")
+    top, left = rng.randint(0, lh - ch), rng.randint(0, lw - cw)
+    sample = {
+        "latent_mean": t["mean"][:, top:top + ch, left:left + cw].float(),
+        "latent_std": t["std"][:, top:top + ch, left:left + cw].float(),
+        "pos": crop_position_map(lh * f, lw * f, top * f, left * f, size[0], size[1], f),
+        "aspect": math.log(lw / lh),
+        "caption": process_caption(caption, spec.rules, rng),
+    }
+    r = spec.rules
+    augmented = r.tag_dropout or r.group_dropout or r.shuffle or r.caption_dropout
+    if "ctx" in t and not augmented:
+        sample["ctx"] = t["ctx"].float()
+    return sample
+
+
+@torch.no_grad()
+def encode_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the raw VAE posterior for images in [-1, 1]; pixel space: (image, 0)."""
+    if not hasattr(vae, "vae"):
+        return pixels, torch.zeros_like(pixels)
+    dist = vae.vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .encoders import build_text_encoder, build_vae
+    from .recipe import load_recipe
+
+    p = argparse.ArgumentParser(description="Cache VAE latents and text embeddings for an image folder.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    recipe = load_recipe(args.config, args.overrides)
+    if not recipe.data.cache:
+        raise ValueError("set data.cache=<folder> (on the command line or in the recipe)")
+    if recipe.data.bucketing:
+        raise ValueError("the latent cache supports the square-crop stages only; turn data.bucketing off")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.device == "cuda" else None)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = build_vae(recipe.model.vae, dtype, device)
+    te = build_text_encoder(recipe.model.text_encoder, dtype, device)
+    root, res, d = Path(recipe.data.path), recipe.data.resolution, recipe.data
+    rules = CaptionRules(d.keep_separator, d.group_separator, d.tag_separator)
+    unit = vae.downscale_factor * 2
+    files = list_images(root)[rank::world]
+    for i, image_path in enumerate(files):
+        out = cache_file(Path(recipe.data.cache), image_path.relative_to(root))
+        if out.is_file():
+            continue
+        try:
+            img = open_image(image_path).convert("RGB")
+        except Exception as err:  # noqa: BLE001
+            print(f"skipping unreadable image {image_path} ({err})")
+            continue
+        scale = res / min(img.size)
+        w, h = (max(unit, round(s * scale / unit) * unit) for s in img.size)
+        img = img.resize((w, h), resample=3)  # bicubic
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
+        pixels = pixels.permute(2, 0, 1)[None].to(device).float() / 127.5 - 1
+        mean, std = encode_posterior(vae, pixels)
+        txt = image_path.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+        caption = process_caption(caption, rules, random.Random(0))  # deterministic when not augmented
+        ctx = te.encode_padded([caption], max_length=recipe.model.max_length)[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"mean": mean[0].half().cpu(), "std": std[0].half().cpu(), "ctx": ctx.half().cpu().contiguous()},
+                  str(out.with_name(out.name + ".tmp")))
+        os.replace(out.with_name(out.name + ".tmp"), out)
+        if i % 1000 == 0:
+            print(f"rank {rank}: {i}/{len(files)}")
+
+
+if __name__ == "__main__":
+    main()
