@@ -183,7 +183,8 @@ def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_mo
     te_file = SafetensorsFile(text_encoder, allow_pickle=allow_pickle) if text_encoder is not None else single
     te = None
     if te_file is not None and (te_file is not single or te_file.has(TE_PREFIX)):
-        te = TextEncoder.from_state_dict(te_file.part("", dtype), dtype=dtype, device=device)
+        te_sd = te_file.part(TE_PREFIX if te_file is single else "", dtype)  # read only the encoder's tensors
+        te = TextEncoder.from_state_dict(te_sd, dtype=dtype, device=device)
 
     vae_file = SafetensorsFile(vae, allow_pickle=allow_pickle) if vae is not None else single
     decoder = None
@@ -192,7 +193,10 @@ def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_mo
                                                 and not vae_file.has(VAE_PREFIX)):
             decoder = PixelSpace()
         elif vae_file is not single or vae_file.has(VAE_PREFIX):
-            vae_sd = vae_file.part("", None if dtype is None else torch.float32)
+            # The SDXL VAE overflows in fp16; it runs in fp32, or bf16 when asked for.
+            vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            vae_sd = vae_file.part(VAE_PREFIX if vae_file is single else "", vae_dtype)
+            vae_sd.update({k: vae_file.get(k) for k in ("vae_mean", "vae_std") if k in vae_file.keys})
             decoder = LatentVAE.from_state_dict(vae_sd, device=device)
     return HDMComponents(model=model, config=config, text_encoder=te, vae=decoder)
 

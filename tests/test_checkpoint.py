@@ -125,3 +125,12 @@ def test_checkpoint_without_text_encoder(tiny_parts, tmp_path):
     save_single_file(path, tiny_parts["unet"], tiny_parts["config"])
     comps = load_components(path)
     assert comps.text_encoder is None and comps.vae is None
+
+
+def test_vae_normalisation_read_from_the_file(tiny_parts, tmp_path):
+    path = tmp_path / "own_stats.safetensors"
+    mean, std = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([2.0, 3.0, 4.0, 5.0])
+    save_single_file(path, tiny_parts["unet"], tiny_parts["config"], vae_sd=tiny_parts["vae"], vae_mean=mean,
+                     vae_std=std)
+    vae = load_components(path).vae
+    assert torch.equal(vae.mean.flatten(), mean) and torch.equal(vae.std.flatten(), std)

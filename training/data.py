@@ -199,6 +199,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int, cache: str = "") -> None:
         self.root, self.files, self.spec, self.seed = Path(root), list_images(root), spec, seed
         self.cache = Path(cache) if cache else None
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -225,7 +226,9 @@ class FolderDataset(torch.utils.data.Dataset):
                 sample = self._load(i, (h, w), rng)
                 break
             except Exception as err:  # noqa: BLE001
-                log.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
+                if i not in self._warned:
+                    self._warned.add(i)
+                    log.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
                 skipped.append(str(self.files[i]))
         else:
             raise RuntimeError(f"{MAX_CORRUPT_IN_A_ROW} unreadable images in a row near {self.files[index]}; "

@@ -51,7 +51,7 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     continue
                 head, _, name = member.name.rpartition("/")
                 stem, _, ext = name.partition(".")
-                k = f"{head}/{stem}"
+                k = f"{head}/{stem}" if head else stem
                 if k != key and files:
                     yield key, files
                     files = {}
@@ -150,7 +150,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         caption = files.get("txt", b"").decode("utf-8", errors="replace")
                         samples.append(make_sample(open_image(_image_of(files)), caption, size, self.spec, rng))
                     except Exception as err:  # noqa: BLE001
-                        log.warning("skipping unreadable image %s (%s)", key, err)
+                        log.warning("skipping unreadable image %s (%s: %s)", key, type(err).__name__, err)
                         skipped.append(key)
                 if samples:
                     batch = collate(samples)

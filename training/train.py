@@ -304,8 +304,6 @@ def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
             for micro in range(t_cfg.grad_accum):
                 batch = next(data)
                 skipped += batch["skipped"]
-                for f in batch["skipped_files"]:
-                    monitor.message(f"skipped unreadable image {f}")
                 gen = torch.Generator(device).manual_seed(step_seed(t_cfg.seed, rank, step, micro))
                 last = micro == t_cfg.grad_accum - 1
                 with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
