@@ -40,7 +40,7 @@ from ..hdm_core.checkpoint import (CONFIG_METADATA_KEY, PIXEL_SPACE_KEY, TE_PREF
 from ..hdm_core.config import XUTConfig, infer_config
 from ..hdm_core.pipeline import seeded_noise
 from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
-from ..hdm_core.sampling import SAMPLERS, flow_sigmas, img2img_sigmas
+from ..hdm_core.sampling import SAMPLERS, flow_sigmas
 from ..hdm_core.text_encoder import PAD_TOKEN_ID, TOKENIZER_DIR
 from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD
 from ..hdm_core.xut import XUT
@@ -300,7 +300,7 @@ def list_files(kind: str) -> list[str]:
 
 def missing_file_message(kind: str, name: str) -> str | None:
     """None if `name` exists in the `kind` model folders, else a message naming the folders to use."""
-    if folder_paths.get_full_path(kind, name) is not None:
+    if not isinstance(name, str) or folder_paths.get_full_path(kind, name) is not None:  # linked: checked later
         return None
     roots = folder_paths.get_folder_paths(kind)
     hint = {"checkpoints": f"the HDM single file (e.g. {RELEASED_FILE})",
@@ -486,13 +486,11 @@ def hdm_sample(model, positive, negative, latent: dict, seed: int, steps: int, c
         raise ValueError(f"HDM Sampler needs an HDM MODEL (from HDM Checkpoint Loader / HDM Split Loader), got "
                          f"{type(model.model).__name__}; use KSampler for other models")
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    sigmas = flow_sigmas(steps, shift)
-    if denoise < 1.0:
-        sigmas = img2img_sigmas(sigmas, denoise)
     out = dict(latent)
-    if len(sigmas) < 2:  # denoise 0: nothing to do
+    if denoise <= 0.0:  # nothing to denoise
         out["samples"] = samples
         return out
+    sigmas = flow_sigmas(steps, shift, denoise)  # img2img: the last `steps` steps of a steps/denoise schedule
     noise = batch_noise(latent, samples, seed)
     torch.manual_seed(seed)  # TREAD routing draws from the global RNG, as with KSampler
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)

@@ -12,12 +12,13 @@ The same spec and seed always give the same weights, and an export stores them, 
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
 import torch
 
 from hdm_core.checkpoint import TE_PREFIX, VAE_PREFIX, SafetensorsFile
+
+from .recipe import parse_value
 
 RANDOM_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
     # Matches xut-tiny's ctx_dim 48. The vocabulary stays Qwen3's, so the real tokenizer works.
@@ -43,7 +44,7 @@ def parse_random_spec(spec: str, presets: dict[str, dict]) -> tuple[dict[str, An
             config.update(presets[part])
             continue
         key, raw = (s.strip() for s in part.split("=", 1))
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value = parse_value(raw)
         if key == "seed":
             seed = int(value)
         else:

@@ -30,6 +30,14 @@ class Monitor:
             return
         self.csv_path = self.run_dir / "log.csv"
         new = not self.csv_path.exists()
+        if not new:  # a resumed run drops the rows logged after its checkpoint
+            with self.csv_path.open() as f:
+                rows = [r for r in csv.DictReader(f) if r["step"] and int(r["step"]) <= start_step]
+            with self.csv_path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+            new = False
         self.csv_file = self.csv_path.open("a", newline="")
         self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS)
         if new:

@@ -8,10 +8,15 @@ TOML, and anything that is not valid TOML is taken as a string.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -126,7 +131,7 @@ def _build(cls: type, values: dict, where: str) -> Any:
             value = float(value)
         if not isinstance(default, bool) and type(default) in (int, float, str, list, dict) \
                 and not isinstance(value, type(default)):
-            raise ValueError(f"{where}.{key} must be a {type(default).__name__}, got {value!r}")
+            raise ValueError(f"{where}.{key} must be of type {type(default).__name__}, got {value!r}")
         out[key] = value
     return cls(**out)
 
@@ -150,16 +155,20 @@ def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def parse_value(raw: str) -> Any:
+    """A TOML value ('0.1', '[0.9, 0.99]', '"x"', 'true'), or the text itself when it is not valid TOML."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'optim.lr=0.1' -> (['optim', 'lr'], 0.1); the value is TOML, or a bare string if it is not."""
+    """'optim.lr=0.1' -> (['optim', 'lr'], 0.1)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=0.1")
     key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), parse_value(raw)
 
 
 def apply_overrides(d: dict, overrides: Iterable[str]) -> dict:

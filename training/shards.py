@@ -15,7 +15,8 @@ import logging
 import random
 import re
 import tarfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from PIL import Image
@@ -143,19 +144,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             for index, (size, group, bad) in enumerate(self._planned(slot, epoch)):
                 if index < skip:
                     continue
-                samples, skipped = [], []
+                samples, skipped, keys = [], [], []
                 for key, files in group:
                     rng = random.Random(f"{self.seed}/{epoch}/{key}")
                     try:
                         caption = files.get("txt", b"").decode("utf-8", errors="replace")
                         samples.append(make_sample(open_image(_image_of(files)), caption, size, self.spec, rng))
+                        keys.append(key)
                     except Exception as err:  # noqa: BLE001
                         log.warning("skipping unreadable image %s (%s: %s)", key, type(err).__name__, err)
                         skipped.append(key)
                 if samples:
                     batch = collate(samples)
                     batch["skipped"], batch["skipped_files"] = bad + len(skipped), skipped
-                    batch["position"] = (slot, epoch, index)
+                    batch["position"], batch["keys"] = (slot, epoch, index), keys
                     yield batch
             epoch, skip = epoch + 1, 0
 

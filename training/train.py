@@ -21,10 +21,10 @@ import copy
 import json
 import os
 import random
-import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ from .encoders import build_text_encoder, build_vae
 from .monitor import Monitor, sample_grid
 from .optim import build_optimizer, update_ema
 from .recipe import Recipe, load_recipe
+from .runtime import StopRequest, gather, setup_distributed, step_seed
 from .shards import ShardSource, ShardStream, count_samples, expand_shards
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,24 +50,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """NCCL on GPUs, gloo on CPU; a plain `python -m` run is one process without a process group."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return rank, world, dev
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """A distinct, reproducible seed per (rank, optimizer step, micro-batch): resume needs no RNG stream."""
-    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + micro) % (2**63)
-
 
 def model_config(recipe: Recipe, init_config: XUTConfig | None) -> XUTConfig:
     """Preset (or the init checkpoint's config) + recipe overrides, with the recipe's TREAD rate recorded."""
@@ -106,7 +89,7 @@ def make_source(recipe: Recipe, spec: SampleSpec, rank: int, world: int, state: 
 
 
 def training_loss(model: torch.nn.Module, batch: dict, text_encoder: Any, vae: Any, recipe: Recipe,
-                  gen: torch.Generator, device: torch.device, autocast: Any) -> tuple[torch.Tensor, int]:
+                  gen: torch.Generator, device: torch.device, autocast: Any) -> torch.Tensor:
     """Flow matching: t ~ logit-normal(0, 1), x_t = t·ε + (1 − t)·x0, MSE of v against ε − x0."""
     with torch.no_grad():
         if "latent_mean" in batch:  # cached posterior: draw the sample here, as the online path does
@@ -125,46 +108,7 @@ def training_loss(model: torch.nn.Module, batch: dict, text_encoder: Any, vae: A
     with autocast():
         v = model(x_t, t, ctx, pos_map=batch["pos"].to(device), aspect=batch["aspect"].to(device),
                   tread_rate=recipe.model.tread_rate or None, generator=gen)
-    tokens = x0.shape[0] * x0.shape[2] * x0.shape[3] // recipe_patch(model) ** 2
-    return F.mse_loss(v.float(), velocity_target(x0, noise)), tokens
-
-
-def recipe_patch(model: torch.nn.Module) -> int:
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner).config.patch_size
-
-
-class StopRequest:
-    """Set by SIGTERM (and SIGINT); checked after every optimizer step and agreed on by all ranks."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def agreed(self, world: int, device: torch.device) -> bool:
-        if world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    return F.mse_loss(v.float(), velocity_target(x0, noise))
 
 
 def batches(source: Any) -> Iterator[dict]:
@@ -307,12 +251,13 @@ def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
                 gen = torch.Generator(device).manual_seed(step_seed(t_cfg.seed, rank, step, micro))
                 last = micro == t_cfg.grad_accum - 1
                 with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    loss, tokens = training_loss(step_model, batch, text_encoder, vae, recipe, gen, device, autocast)
+                    loss = training_loss(step_model, batch, text_encoder, vae, recipe, gen, device, autocast)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or use "
                                                  f"train.precision='bf16'")
                     scaler.scale(loss / t_cfg.grad_accum).backward()
                 window[0] += loss.detach()
+                tokens = batch["pos"].shape[0] * batch["pos"].shape[1] // cfg.patch_size**2
                 counts = [counts[0] + 1, counts[1] + len(batch["captions"]), counts[2] + tokens]
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf"))
@@ -338,9 +283,10 @@ def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
                              "image_tokens_per_s": stats[3].item() / elapsed, "skipped": skipped})
                 window.zero_()
                 counts, window_start = [0, 0, 0], time.time()
-            if is_main and recipe.run.sample_every and step % recipe.run.sample_every == 0 and recipe.run.sample_prompts:
-                grid = sample_grid(ema if ema is not None else raw_model, text_encoder, vae, recipe.run.sample_prompts, d.resolution,
-                                   recipe.run.sample_steps, recipe.run.sample_cfg, recipe.run.sample_seed,
+            rn = recipe.run
+            if is_main and rn.sample_every and step % rn.sample_every == 0 and rn.sample_prompts:
+                grid = sample_grid(ema if ema is not None else raw_model, text_encoder, vae, rn.sample_prompts,
+                                   d.resolution, rn.sample_steps, rn.sample_cfg, rn.sample_seed,
                                    recipe.model.max_length, autocast)
                 (run_dir / "samples").mkdir(exist_ok=True)
                 grid.save(run_dir / "samples" / f"step_{step:08d}.png")
@@ -374,8 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train HDM/XUT from TOML recipes (training/recipes/).")
     p.add_argument("--config", action="append", required=True,
                    help="recipe TOML; repeat to chain stages (each starts from the previous export)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint of the run folder (or start it), or from PATH")
+    p.add_argument("--resume", action="store_const", const="auto", default=None,
+                   help="continue from the latest checkpoint of each stage's run folder, or start it if none")
+    p.add_argument("--resume-from", dest="resume", metavar="PATH", help="continue from this checkpoint .pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.1")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit after this optimizer step")
@@ -389,7 +336,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and not args.resume:
         args.resume = "auto"  # a torchrun restart after a crash always resumes
     if len(args.config) > 1 and args.resume not in (None, "auto"):
-        raise ValueError("--resume PATH needs a single --config; with chained stages use plain --resume")
+        raise ValueError("--resume-from needs a single --config; with chained stages use --resume")
     overrides = list(args.set) + list(args.overrides)
     exports: list[Path] = []
     try:

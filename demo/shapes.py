@@ -1,0 +1,115 @@
+"""A generated dataset of coloured shapes on canvases of mixed aspect ratios, as PNG + .txt caption pairs.
+
+The shape is anchored in *canvas* coordinates (the axial position map of the whole canvas: the long side spans
+[-1, 1], channel 0 = y, channel 1 = x): it sits at the canvas origin with a size proportional to the long side.
+Training takes shifted square crops and crops the position map with them, so the model learns the shape as a
+function of position, which is what makes the camera (x/y shift, zoom) move and scale it at inference.
+
+    python -m demo.shapes /tmp/shapes -n 2000 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# Saturated colours far apart in hue, on a plain light background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "yellow": (235, 200, 25),
+    "green": (35, 165, 60),
+    "blue": (35, 70, 215),
+    "purple": (140, 50, 185),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (238, 238, 232)
+# (width, height) of the canvases at the training short side (32 px), with their sampling weights. Most are
+# non-square, so the square crop sees the shape at many offsets (a square canvas always shows it centred).
+CANVASES: tuple[tuple[tuple[int, int], float], ...] = (
+    ((32, 32), 1.0),
+    ((40, 32), 1.0), ((32, 40), 1.0),
+    ((48, 32), 1.5), ((32, 48), 1.5),
+    ((64, 32), 1.5), ((32, 64), 1.5),
+)
+SUPERSAMPLE = 4
+
+
+def caption_for(colour: str, shape: str) -> str:
+    """'a red circle' (always three Qwen3 tokens for these words)."""
+    return f"a {colour} {shape}"
+
+
+def prompts() -> list[str]:
+    """Every colour × shape caption, colour-major."""
+    return [caption_for(c, s) for c in COLOURS for s in SHAPES]
+
+
+def parse_caption(text: str) -> tuple[str | None, str | None]:
+    """(colour, shape) named in a caption such as 'a red circle' (None where absent)."""
+    words = text.lower().replace(",", " ").split()
+    colour = next((w for w in words if w in COLOURS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return colour, shape
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float,
+               fill: tuple[int, int, int]) -> None:
+    """A shape of half-size `half` pixels centred at (cx, cy) pixels (the triangle's box centre)."""
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        r = half * 0.886  # same area as the circle, so size is not a cue for the shape
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "triangle":
+        r = half * 1.2
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+
+
+def render(colour: str, shape: str, size: tuple[int, int], *, centre: tuple[float, float] = (0.0, 0.0),
+           half_size: float = 0.34) -> Image.Image:
+    """One canvas of `size` (w, h) px with the shape at canvas coordinates `centre` = (x, y) and half-size
+    `half_size`, both in units where the long side spans [-1, 1] (so the shape scales with the long side)."""
+    w, h = size
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (w * s, h * s), BACKGROUND)
+    unit = max(w, h) * s / 2  # pixels per canvas unit
+    cx, cy = w * s / 2 + centre[0] * unit, h * s / 2 + centre[1] * unit
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, half_size * unit, COLOURS[colour])
+    return img.resize((w, h), Image.BOX)
+
+
+def sample(rng: random.Random) -> tuple[Image.Image, str]:
+    """A random (image, caption) pair."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    sizes, weights = zip(*CANVASES)
+    size = rng.choices(sizes, weights)[0]
+    jitter = (rng.gauss(0, 0.03), rng.gauss(0, 0.03))
+    img = render(colour, shape, size, centre=jitter, half_size=rng.uniform(0.30, 0.38))
+    return img, caption_for(colour, shape)
+
+
+def make_dataset(root: str | Path, n: int = 2000, seed: int = 0) -> Path:
+    """Write n PNG + same-stem .txt pairs to root (deterministic from the seed; existing files are replaced)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        img, caption = sample(rng)
+        img.save(root / f"{i:05d}.png")
+        (root / f"{i:05d}.txt").write_text(caption, encoding="utf-8")
+    return root
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root")
+    p.add_argument("-n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(make_dataset(a.root, a.n, a.seed))

@@ -1,0 +1,65 @@
+"""Process-level plumbing for the trainer: process group, per-step seeds, stop signals, gathers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """NCCL on GPUs, gloo on CPU; a plain `python -m` run is one process without a process group."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return rank, world, dev
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A distinct, reproducible seed per (rank, optimizer step, micro-batch): resume needs no RNG stream."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + micro) % (2**63)
+
+
+class StopRequest:
+    """Set by SIGTERM (and SIGINT); checked after every optimizer step and agreed on by all ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without the checkpoint
+        self.requested = True
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
