@@ -102,7 +102,7 @@ def make_models(root: Path) -> dict[str, Path]:
     save_xut(paths["diffusion_models"] / "hdm_xut_tiny.safetensors", xut, dtype=f16)
     save_file({k: v.to(f16).contiguous() for k, v in te_sd.items()}, str(paths["text_encoders"] / "qwen3_tiny.safetensors"))
     vae_file = {k: v.to(f16).contiguous() for k, v in vae_sd.items()}
-    vae_file.update(vae_mean=mean.reshape(1, 4, 1, 1), vae_std=std.reshape(1, 4, 1, 1))
+    vae_file.update(vae_mean=mean.reshape(1, 4, 1, 1).to(f16), vae_std=std.reshape(1, 4, 1, 1).to(f16))
     save_file(vae_file, str(paths["vae"] / "eq_sdxl_vae_random.safetensors"))
     return paths
 
@@ -446,8 +446,8 @@ def test_img2img_and_builtin_nodes(server, models):
         "12": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["11", 0], "guider": ["8", 0],
                                                                  "sampler": ["9", 0], "sigmas": ["10", 0],
                                                                  "latent_image": ["7", 0]}},
-        "13": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["12", 0], "vae": ["1", 2], "tile_size": 64,
-                                                          "overlap": 32, "temporal_size": 64, "temporal_overlap": 8}},
+        "13": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["12", 0], "vae": ["1", 2], "tile_size": 512,
+                                                          "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}},
         "14": {"class_type": "VAEEncode", "inputs": {"pixels": ["13", 0], "vae": ["1", 2]}},
         "15": {"class_type": "HDMSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1],
                                                       "latent_image": ["14", 0], **HDM_SAMPLER, "denoise": 0.5}},

@@ -88,7 +88,8 @@ def build_vae(source: str, dtype: torch.dtype, device: torch.device) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = build_autoencoder(config, device="cpu")
-        return _frozen(LatentVAE(vae.to(device=device, dtype=dtype)))
+        vae = vae.to(device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
+        return _frozen(LatentVAE(vae))
     f = SafetensorsFile(source)
     if f.has(VAE_PREFIX):
         sd = {VAE_PREFIX + k: v for k, v in f.part(VAE_PREFIX).items()}

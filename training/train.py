@@ -209,7 +209,11 @@ def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
         if rank == 0:
             torch.set_rng_state(state["rng"]["torch"])
             random.setstate(tuple(state["rng"]["python"]))
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model
+    if world > 1:
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    else:
+        model = raw_model
     step_model = torch.compile(model) if recipe.model.compile else model
     autocast = lambda: torch.autocast(device.type, dtype=DTYPES[t_cfg.precision],  # noqa: E731
                                       enabled=t_cfg.precision != "fp32")

@@ -1,0 +1,115 @@
+"""Measurements of a generated shape image: foreground mask, dominant colour, shape, centroid and area.
+
+Images may be PIL images, uint8 arrays [H, W, 3] or float tensors/arrays [3, H, W] / [H, W, 3] in [0, 1].
+Coordinates follow the position-map convention: the long side of the frame spans [-1, 1], x to the right,
+y downwards, (0, 0) at the frame centre.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shapes import COLOURS, SHAPES
+
+MIN_SATURATION = 0.25   # max(rgb) - min(rgb); the background is near grey (≈ 0.02), every palette colour > 0.5
+MIN_AREA = 0.01         # fewer foreground pixels than this fraction of the frame: "no shape"
+
+
+def as_array(image) -> np.ndarray:
+    """Float array [H, W, 3] in [0, 1]."""
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if hasattr(image, "detach"):  # torch
+        image = image.detach().float().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected one image [3, H, W] or [H, W, 3], got shape {arr.shape}")
+    if arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    arr = arr.astype(np.float32)
+    if arr.max() > 1.5:
+        arr = arr / 255.0
+    return np.clip(arr, 0.0, 1.0)
+
+
+def saturation(image) -> np.ndarray:
+    arr = as_array(image)
+    return arr.max(-1) - arr.min(-1)
+
+
+def foreground(image) -> np.ndarray:
+    """Boolean mask [H, W] of saturated (shape) pixels."""
+    return saturation(image) > MIN_SATURATION
+
+
+def frame_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y [H, 1], x [1, W]) with the long side spanning [-1, 1]."""
+    long_side = max(h, w)
+    y = (np.arange(h) + 0.5 - h / 2) * (2 / long_side)
+    x = (np.arange(w) + 0.5 - w / 2) * (2 / long_side)
+    return y[:, None], x[None, :]
+
+
+@dataclass
+class ShapeStats:
+    colour: str | None       # dominant palette colour of the foreground (None: no shape found)
+    shape: str | None        # circle / square / triangle from the fill ratio of the bounding box
+    area: float              # foreground fraction of the frame
+    cx: float                # centroid x (frame units, long side = [-1, 1]); nan without a shape
+    cy: float                # centroid y
+    fill: float              # soft coverage of the bounding box (square ≈ 0.95, circle ≈ 0.77, triangle ≈ 0.53)
+
+
+def dominant_colour(image) -> str | None:
+    """The palette colour most foreground pixels are closest to (None when there is no foreground)."""
+    arr = as_array(image)
+    mask = foreground(arr)
+    if mask.mean() < MIN_AREA:
+        return None
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], dtype=np.float32) / 255.0
+    pixels = arr[mask]
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
+
+
+def shape_of(image) -> tuple[str | None, float]:
+    """(shape, fill) where fill is the soft coverage of the foreground's bounding box: each pixel counts its
+    saturation relative to the shape's own (so anti-aliased edges count partly). Square ≈ 0.95, circle ≈ 0.77,
+    triangle ≈ 0.53 on the training renders."""
+    sat = saturation(image)
+    mask = sat > MIN_SATURATION
+    if mask.mean() < MIN_AREA:
+        return None, float("nan")
+    ys, xs = np.nonzero(mask)
+    box = sat[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    peak = float(np.percentile(sat[mask], 90))
+    fill = float(np.clip(box / peak, 0, 1).sum() / box.size)
+    if fill > 0.86:
+        return "square", fill
+    if fill > 0.63:
+        return "circle", fill
+    return "triangle", fill
+
+
+def measure(image) -> ShapeStats:
+    arr = as_array(image)
+    mask = foreground(arr)
+    area = float(mask.mean())
+    if area < MIN_AREA:
+        return ShapeStats(None, None, area, float("nan"), float("nan"), float("nan"))
+    y, x = frame_coords(*mask.shape)
+    weight = mask.astype(np.float64)
+    cx = float((weight * x).sum() / weight.sum())
+    cy = float((weight * y).sum() / weight.sum())
+    shape, fill = shape_of(arr)
+    return ShapeStats(dominant_colour(arr), shape, area, cx, cy, fill)
+
+
+def chance_level() -> dict[str, float]:
+    """Accuracy of guessing uniformly at random."""
+    return {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "both": 1 / (len(COLOURS) * len(SHAPES))}
