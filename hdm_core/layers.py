@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x), self.eps)  # also moves it: lowvram offload
 
 
 class ModulatedNorm(nn.Module):
@@ -145,7 +145,7 @@ class TimestepEmbedding(nn.Module):
         # Sinusoids in (at least) float32 whatever the model dtype; the buffer is used as stored (SPEC §10).
         precise = torch.promote_types(dtype, torch.float32)
         tau = 1000 * t.to(precise).reshape(-1, 1)                             # (B, 1)
-        angles = tau * self.freqs.to(precise)                                 # (B, D/2)
+        angles = tau * self.freqs.to(t.device, precise)                               # (B, D/2)
         emb = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)       # cos first
         return self.proj(emb)[:, None]                                        # (B, 1, D)
 

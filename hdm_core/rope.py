@@ -100,7 +100,7 @@ def rope_angles(pos: torch.Tensor, log_freqs: torch.Tensor) -> torch.Tensor:
     Pair q = 2f + a rotates with frequency f on axis a (a = 0 → y, 1 → x): θ = pos_a · exp(Φ[h, f, a]).
     """
     dtype = torch.promote_types(log_freqs.dtype, torch.float32)         # at least float32, float64 kept
-    freqs = log_freqs.to(dtype).exp()                                    # (H, F, 2)
+    freqs = log_freqs.to(pos.device, dtype).exp()                       # (H, F, 2)
     theta = pos.to(dtype)[:, None, :, None, :] * freqs[None, :, None]    # (B, H, S, F, 2)
     return theta.flatten(-2)                                             # (B, H, S, 2F)
 

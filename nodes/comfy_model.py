@@ -35,8 +35,15 @@ from comfy import sd1_clip
 from comfy.text_encoders import llama
 from transformers import Qwen2Tokenizer
 
-from ..hdm_core.checkpoint import (CONFIG_METADATA_KEY, PIXEL_SPACE_KEY, TE_PREFIX, UNET_PREFIX, VAE_PREFIX,
-                                   CheckpointError, describe_architecture)
+from ..hdm_core.checkpoint import (
+    CONFIG_METADATA_KEY,
+    PIXEL_SPACE_KEY,
+    TE_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    describe_architecture,
+)
 from ..hdm_core.config import XUTConfig, infer_config
 from ..hdm_core.pipeline import seeded_noise
 from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
@@ -115,30 +122,13 @@ class HDMDiffusionModel(XUT):
     def __init__(self, xut_config: dict, image_model: str = "hdm_xut", dtype=None, device=None, operations=None):
         super().__init__(XUTConfig.from_dict(xut_config), ops=operations or torch.nn, dtype=dtype, device=device)
         self.dtype = dtype  # read by BaseModel.get_dtype()
-        self._loose = None
 
-    def _loose_tensors_to(self, device: torch.device) -> None:
-        """Parameters/buffers outside comfy.ops layers (RMSNorm gains, RoPE frequencies, the time-frequency
-        buffer) stay on the offload device when ComfyUI loads the model partially (--lowvram); move them."""
-        if self._loose is None:
-            self._loose = [(m, n, False) for m in self.modules() if not hasattr(m, "comfy_cast_weights")
-                           for n, _ in m.named_parameters(recurse=False)]
-            self._loose += [(m, n, True) for m in self.modules() for n, _ in m.named_buffers(recurse=False)]
-        for module, name, is_buffer in self._loose:
-            tensor = module._buffers[name] if is_buffer else module._parameters[name]
-            if tensor is not None and tensor.device != device:
-                if is_buffer:
-                    module._buffers[name] = tensor.to(device)
-                else:
-                    tensor.data = tensor.data.to(device)
-
-    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, x_shift=None,
+    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, x_shift=None,
                 y_shift=None, zoom=None, tread_gamma=0.0, **kwargs):
         if context is not None and context.shape[-1] != self.config.ctx_dim:
             raise ValueError(
                 f"the conditioning has {context.shape[-1]} features per token but this HDM model expects "
                 f"{self.config.ctx_dim}: encode prompts with the CLIP output of an HDM loader")
-        self._loose_tensors_to(x.device)
         b, _, height, width = x.shape
         pos_map = None
         if x_shift is not None:  # camera node present: latent-resolution camera map (SPEC §4.3)
@@ -200,10 +190,11 @@ class HDMModelConfig(comfy.supported_models_base.BASE):
     def get_model(self, state_dict=None, prefix="", device=None):
         return HDMModel(self, device=device)
 
-    def clip_target(self, state_dict={}):
+    def clip_target(self, state_dict=None):
         if self.te_config is None:
             return None
-        return comfy.supported_models_base.ClipTarget(tokenizer_class(self.te_config), text_encoder_class(self.te_config))
+        return comfy.supported_models_base.ClipTarget(tokenizer_class(self.te_config),
+                                                      text_encoder_class(self.te_config))
 
     # CheckpointSave writes the released single-file layout, so HDM loaders read merged models back.
     def process_unet_state_dict_for_saving(self, state_dict):
@@ -212,6 +203,12 @@ class HDMModelConfig(comfy.supported_models_base.BASE):
     def process_clip_state_dict_for_saving(self, state_dict):
         prefix = f"{TE_NAME}.transformer.model."
         return {TE_PREFIX + k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    def process_vae_state_dict_for_saving(self, state_dict):
+        out = comfy.utils.state_dict_prefix_replace(state_dict, {"": VAE_PREFIX})
+        if isinstance(self.latent_format, HDMEQVAE):
+            out["vae_mean"], out["vae_std"] = self.latent_format.latents_mean, self.latent_format.latents_std
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,16 +249,16 @@ def text_encoder_class(config: dict):
     """SD1ClipModel subclass for this Qwen3 size: final-norm hidden states, no attention mask (SPEC §6)."""
 
     class HDMQwen3Encoder(sd1_clip.SDClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
             super().__init__(device=device, layer="last", layer_idx=None, textmodel_json_config=dict(config),
                              dtype=dtype, special_tokens={"pad": PAD_TOKEN_ID}, layer_norm_hidden_state=False,
                              model_class=HDMQwen3, enable_attention_masks=False, return_attention_masks=False,
-                             model_options=model_options)
+                             model_options=model_options or {})
 
     class HDMTextEncoder(sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
             super().__init__(device=device, dtype=dtype, name=TE_NAME, clip_model=HDMQwen3Encoder,
-                             model_options=model_options)
+                             model_options=model_options or {})
 
     return HDMTextEncoder
 
@@ -271,14 +268,15 @@ def tokenizer_class(config: dict):
     hidden = config["hidden_size"]
 
     class HDMQwen3Tokenizer(sd1_clip.SDTokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
             super().__init__(str(TOKENIZER_DIR), pad_with_end=False, embedding_directory=embedding_directory,
                              embedding_size=hidden, embedding_key=TE_NAME, tokenizer_class=Qwen2Tokenizer,
                              has_start_token=False, has_end_token=False, pad_to_max_length=False,
-                             max_length=99999999, min_length=1, pad_token=PAD_TOKEN_ID, tokenizer_data=tokenizer_data)
+                             max_length=99999999, min_length=1, pad_token=PAD_TOKEN_ID,
+                             tokenizer_data=tokenizer_data or {})
 
     class HDMTokenizer(sd1_clip.SD1Tokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
             super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data, name=TE_NAME,
                              tokenizer=HDMQwen3Tokenizer)
 
@@ -346,7 +344,8 @@ def text_encoder_part(sd: dict, name: str) -> dict:
     prefixes = sorted({k[:-len("embed_tokens.weight")] for k in sd if k.endswith("embed_tokens.weight")}, key=len)
     if not prefixes:
         raise CheckpointError(
-            f"'{name}' contains no text-encoder weights (no '*embed_tokens.weight'; found {describe_architecture(sd)}). "
+            f"'{name}' contains no text-encoder weights (no '*embed_tokens.weight'; it looks like "
+            f"{describe_architecture(sd)}). "
             f"HDM needs Qwen3-0.6B: use the released single file {RELEASED_FILE} (it includes the encoder) in "
             f"models/checkpoints, or put a Qwen3-0.6B .safetensors in models/text_encoders and use HDM Split Loader.")
     te = _strip(sd, prefixes[0])
@@ -370,7 +369,8 @@ def vae_part(sd: dict, name: str) -> dict:
     if not prefixes:
         raise CheckpointError(
             f"'{name}' contains no VAE weights (no '*decoder.conv_in.weight'). HDM uses the EQ-SDXL-VAE: use the "
-            f"released single file {RELEASED_FILE}, or put the VAE .safetensors in models/vae and use HDM Split Loader.")
+            f"released single file {RELEASED_FILE}, or put the VAE .safetensors in models/vae and use HDM Split "
+            f"Loader.")
     return _strip(sd, prefixes[0])
 
 
@@ -482,6 +482,7 @@ def batch_noise(latent: dict, samples: torch.Tensor, seed: int) -> torch.Tensor:
 
 def hdm_sample(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
                shift: float, denoise: float) -> dict:
+    """HDM Sampler: official (optionally shifted) uniform schedule and an hdm_core sampler, run by ComfyUI."""
     if not isinstance(model.model, HDMModel):
         raise ValueError(f"HDM Sampler needs an HDM MODEL (from HDM Checkpoint Loader / HDM Split Loader), got "
                          f"{type(model.model).__name__}; use KSampler for other models")

@@ -100,7 +100,8 @@ def make_models(root: Path) -> dict[str, Path]:
                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)},
               str(paths["checkpoints"] / "sdxl_like.safetensors"))
     save_xut(paths["diffusion_models"] / "hdm_xut_tiny.safetensors", xut, dtype=f16)
-    save_file({k: v.to(f16).contiguous() for k, v in te_sd.items()}, str(paths["text_encoders"] / "qwen3_tiny.safetensors"))
+    save_file({k: v.to(f16).contiguous() for k, v in te_sd.items()},
+              str(paths["text_encoders"] / "qwen3_tiny.safetensors"))
     vae_file = {k: v.to(f16).contiguous() for k, v in vae_sd.items()}
     vae_file.update(vae_mean=mean.reshape(1, 4, 1, 1).to(f16), vae_std=std.reshape(1, 4, 1, 1).to(f16))
     save_file(vae_file, str(paths["vae"] / "eq_sdxl_vae_random.safetensors"))
@@ -140,10 +141,10 @@ class Server:
             try:
                 self.get("/system_stats")
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError) as err:
                 if time.time() > deadline:
                     self.stop()
-                    raise RuntimeError(f"ComfyUI did not answer in 240 s:\n{self.log.read_text()[-4000:]}")
+                    raise RuntimeError(f"ComfyUI did not answer in 240 s:\n{self.log.read_text()[-4000:]}") from err
                 time.sleep(0.5)
 
     def get(self, path: str):
@@ -501,3 +502,83 @@ def test_camera_sweep_frames_differ_but_share_noise(server, reference):
     middle = saved_latent(server, server.run(single))
     assert (frames[1:2] - middle).abs().max().item() <= 1e-4
     assert (frames[0] - frames[2]).abs().max().item() > 1e-2
+
+
+# Run with ComfyUI's interpreter (it has aiohttp): queue a prompt over HTTP and listen on the websocket.
+WS_LISTENER = r"""
+import asyncio, json, sys, uuid
+import aiohttp
+
+url, graph, interrupt_at = sys.argv[1], json.loads(sys.stdin.read()), int(sys.argv[2])
+
+async def main():
+    cid, out, sent = uuid.uuid4().hex, {"progress": [], "previews": 0, "jpeg_previews": 0, "end": None}, False
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId={cid}") as ws:
+        body = {"prompt": graph, "client_id": cid, "extra_data": {"preview_method": "latent2rgb"}}
+        async with session.post(f"{url}/prompt", json=body) as r:
+            prompt_id = (await r.json())["prompt_id"]
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                if int.from_bytes(msg.data[:4], "big") in (1, 4):  # PREVIEW_IMAGE (with metadata)
+                    out["previews"] += 1
+                    out["jpeg_previews"] += msg.data.find(b"\xff\xd8\xff") >= 0
+                continue
+            m = json.loads(msg.data)
+            data = m.get("data") or {}
+            if data.get("prompt_id", prompt_id) != prompt_id:
+                continue
+            if m["type"] == "progress":
+                out["progress"].append([data["node"], data["value"], data["max"]])
+                if interrupt_at and data["value"] >= interrupt_at and not sent:
+                    sent = True
+                    await session.post(f"{url}/interrupt", json={})
+            if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                out["end"] = m["type"]
+                break
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def listen(server: Server, graph: dict, interrupt_at: int = 0) -> dict:
+    _, python = comfy_paths()
+    proc = subprocess.run([python, "-c", WS_LISTENER, server.url, str(interrupt_at)], input=json.dumps(graph),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_progress_previews_and_interrupt(server):
+    graph = txt2img_graph(sampler=("HDMSampler", {**HDM_SAMPLER, "steps": 5}))
+    out = listen(server, graph)
+    assert out["end"] == "execution_success"
+    assert [p[1:] for p in out["progress"] if p[0] == "6"] == [[i, 5] for i in range(1, 6)]
+    assert out["previews"] >= 5 and out["jpeg_previews"] == out["previews"]  # Latent2RGB with our factors
+    graph = txt2img_graph(sampler=("HDMSampler", {**HDM_SAMPLER, "steps": 1000, "seed": 99}))
+    out = listen(server, graph, interrupt_at=2)
+    assert out["end"] == "execution_interrupted" and max(p[1] for p in out["progress"]) < 1000
+
+
+def test_checkpoint_save_round_trip(server):
+    """CheckpointSave writes the released single-file layout; HDM Checkpoint Loader reads it back unchanged."""
+    prefix = f"checkpoints/hdm_saved_{uuid.uuid4().hex[:8]}"
+    g = {"1": {"class_type": "HDMLoader", "inputs": {"ckpt_name": CKPT}},
+         "2": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0], "ratio": 0.5}},
+         "3": {"class_type": "CheckpointSave", "inputs": {"model": ["2", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                          "filename_prefix": prefix}}}
+    assert execution_error(server.run(g)) is None
+    saved = sorted((server.base / "output").glob(prefix + "*.safetensors"))
+    assert len(saved) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(saved[0]), "pt") as f:
+        keys = list(f.keys())
+    assert "unet.model.in_patch.proj.weight" in keys and "te.text_models.0.embed_tokens.weight" in keys
+    assert "vae_mean" in keys and any(k.startswith("vae.decoder.") for k in keys)
+    name = saved[0].relative_to(server.base / "output" / "checkpoints").as_posix()
+    a = saved_latent(server, server.run(txt2img_graph(sampler=("HDMSampler", HDM_SAMPLER))))
+    b = saved_latent(server, server.run(txt2img_graph(loader=("HDMLoader", {"ckpt_name": name}),
+                                                      sampler=("HDMSampler", HDM_SAMPLER))))
+    assert (a - b).abs().max().item() <= 1e-5
+
