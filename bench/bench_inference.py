@@ -31,7 +31,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_forward(model: XUT, x: torch.Tensor, ctx: torch.Tensor, iters: int, device: str, math_attention: bool) -> float:
+def time_forward(model: XUT, x: torch.Tensor, ctx: torch.Tensor, iters: int, device: str,
+                 math_attention: bool) -> float:
     """Median seconds per forward after warm-up."""
     ctxmgr = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
     t = torch.full((x.shape[0],), 0.5, device=device, dtype=x.dtype)
@@ -60,7 +61,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    header = f"{'config':<10} {'res':>5} {'tokens':>6} {'mode':<22} {'ms/fwd':>9} {'GFLOP':>8} {'TFLOP/s':>8} {'× base':>7}"
+    header = (f"{'config':<10} {'res':>5} {'tokens':>6} {'mode':<28} {'ms/fwd':>9} {'GFLOP':>8} {'TFLOP/s':>8} "
+              f"{'× base':>7}")
     if args.sampling_steps:
         header += f" {'s/image':>8}"
     print(header)
@@ -86,7 +88,7 @@ def main() -> None:
                 ctx = torch.randn(args.batch, TEXT_TOKENS, cfg.ctx_dim, device=args.device, dtype=dtype)
                 sec = time_forward(runner, x, ctx, args.iters, args.device, math_attn)
                 base_time = base_time or sec
-                row = (f"{name:<10} {res:>5} {n:>6} {label:<22} {sec * 1e3:>9.2f} {flops / 1e9:>8.1f} "
+                row = (f"{name:<10} {res:>5} {n:>6} {label:<28} {sec * 1e3:>9.2f} {flops / 1e9:>8.1f} "
                        f"{flops / sec / 1e12:>8.3f} {base_time / sec:>7.2f}")
                 if args.sampling_steps:
                     row += f" {2 * args.sampling_steps * sec:>8.2f}"

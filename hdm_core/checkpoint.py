@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -100,7 +101,8 @@ class SafetensorsFile:
         for key in self.keys:
             if key.startswith(prefix):
                 tensor = self.get(key)
-                out[key[len(prefix):]] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                cast = dtype is not None and tensor.is_floating_point()
+                out[key[len(prefix):]] = tensor.to(dtype) if cast else tensor
         return out
 
     def has(self, prefix: str) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ class XUTConfig:
         return self.dim // self.dim_head
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "XUTConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> XUTConfig:
         """Build from an official arch JSON (or our own `to_dict`); unknown keys are an error."""
         d = dict(d)
         for flag, supported in _FIXED_FLAGS.items():
@@ -81,7 +82,7 @@ class XUTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "XUTConfig":
+    def replace(self, **changes: Any) -> XUTConfig:
         return dataclasses.replace(self, **changes)
 
 

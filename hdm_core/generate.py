@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         strength=args.strength)
     init = None
     if args.init_image:
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         img = Image.open(args.init_image).convert("RGB").resize((args.width, args.height), Image.LANCZOS)
         init = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255

@@ -7,7 +7,8 @@ gets {"x", "i", "sigma", "sigma_hat", "denoised"} after each step and may raise 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

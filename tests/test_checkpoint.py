@@ -8,8 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hdm_core.checkpoint import (CONFIG_METADATA_KEY, CheckpointError, build_xut, load_components, load_xut,
-                                 save_single_file, save_xut)
+from hdm_core.checkpoint import (
+    CONFIG_METADATA_KEY,
+    CheckpointError,
+    build_xut,
+    load_components,
+    load_xut,
+    save_single_file,
+    save_xut,
+)
 from hdm_core.text_encoder import TextEncoder
 
 

@@ -7,8 +7,19 @@ import math
 import pytest
 import torch
 
-from hdm_core import (XUT, PRESETS, camera_pos, camera_position_map, crop_pos, downsample_pos, keep_count,
-                      make_axial_pos, random_keep_mask, restore_tokens, select_tokens)
+from hdm_core import (
+    PRESETS,
+    XUT,
+    camera_pos,
+    camera_position_map,
+    crop_pos,
+    downsample_pos,
+    keep_count,
+    make_axial_pos,
+    random_keep_mask,
+    restore_tokens,
+    select_tokens,
+)
 from hdm_core.rope import apply_rope, area_downsample_pos, aspect_info, rope_angles
 
 

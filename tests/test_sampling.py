@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdm_core.flow import (denoised_from_velocity, interpolate, sample_t_logit_normal, shift_sigmas,
-                           velocity_from_denoised, velocity_target)
+from hdm_core.flow import (
+    denoised_from_velocity,
+    interpolate,
+    sample_t_logit_normal,
+    shift_sigmas,
+    velocity_from_denoised,
+    velocity_target,
+)
 from hdm_core.sampling import SAMPLERS, SamplingCancelled, flow_sigmas, sample_euler
 
 STD = 0.5  # data ~ N(0, STD²)
