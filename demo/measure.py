@@ -46,6 +46,32 @@ def foreground(image) -> np.ndarray:
     return saturation(image) > MIN_SATURATION
 
 
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (the shape; stray specks and the partial copies an
+    undertrained model can draw where the camera looks past the trained positions are left out)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = current
+                        stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask)
+
+
 def frame_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (y [H, 1], x [1, W]) with the long side spanning [-1, 1]."""
     long_side = max(h, w)
@@ -58,16 +84,16 @@ def frame_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 class ShapeStats:
     colour: str | None       # dominant palette colour of the foreground (None: no shape found)
     shape: str | None        # circle / square / triangle from the fill ratio of the bounding box
-    area: float              # foreground fraction of the frame
+    area: float              # the largest blob's fraction of the frame
     cx: float                # centroid x (frame units, long side = [-1, 1]); nan without a shape
     cy: float                # centroid y
     fill: float              # soft coverage of the bounding box (square ≈ 0.95, circle ≈ 0.77, triangle ≈ 0.53)
 
 
-def dominant_colour(image) -> str | None:
-    """The palette colour most foreground pixels are closest to (None when there is no foreground)."""
+def dominant_colour(image, mask: np.ndarray | None = None) -> str | None:
+    """The palette colour most foreground pixels (or those of `mask`) are closest to; None without foreground."""
     arr = as_array(image)
-    mask = foreground(arr)
+    mask = foreground(arr) if mask is None else mask
     if mask.mean() < MIN_AREA:
         return None
     names = list(COLOURS)
@@ -77,16 +103,17 @@ def dominant_colour(image) -> str | None:
     return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
 
 
-def shape_of(image) -> tuple[str | None, float]:
-    """(shape, fill) where fill is the soft coverage of the foreground's bounding box: each pixel counts its
-    saturation relative to the shape's own (so anti-aliased edges count partly). Square ≈ 0.95, circle ≈ 0.77,
-    triangle ≈ 0.53 on the training renders."""
+def shape_of(image, mask: np.ndarray | None = None) -> tuple[str | None, float]:
+    """(shape, fill) where fill is the soft coverage of the bounding box of the foreground (or of `mask`): each
+    pixel counts its saturation relative to the shape's own, so anti-aliased edges count partly. On the training
+    renders: square ≈ 0.95, circle ≈ 0.77, triangle ≈ 0.53."""
     sat = saturation(image)
-    mask = sat > MIN_SATURATION
+    mask = sat > MIN_SATURATION if mask is None else mask
     if mask.mean() < MIN_AREA:
         return None, float("nan")
     ys, xs = np.nonzero(mask)
-    box = sat[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box = np.where(mask[y0:y1, x0:x1], sat[y0:y1, x0:x1], 0.0)
     peak = float(np.percentile(sat[mask], 90))
     fill = float(np.clip(box / peak, 0, 1).sum() / box.size)
     if fill > 0.86:
@@ -97,17 +124,18 @@ def shape_of(image) -> tuple[str | None, float]:
 
 
 def measure(image) -> ShapeStats:
+    """Colour, shape, area and centroid of the largest saturated blob."""
     arr = as_array(image)
-    mask = foreground(arr)
-    area = float(mask.mean())
+    blob = largest_blob(foreground(arr))
+    area = float(blob.mean())
     if area < MIN_AREA:
         return ShapeStats(None, None, area, float("nan"), float("nan"), float("nan"))
-    y, x = frame_coords(*mask.shape)
-    weight = mask.astype(np.float64)
+    y, x = frame_coords(*blob.shape)
+    weight = blob.astype(np.float64)
     cx = float((weight * x).sum() / weight.sum())
     cy = float((weight * y).sum() / weight.sum())
-    shape, fill = shape_of(arr)
-    return ShapeStats(dominant_colour(arr), shape, area, cx, cy, fill)
+    shape, fill = shape_of(arr, blob)
+    return ShapeStats(dominant_colour(arr, blob), shape, area, cx, cy, fill)
 
 
 def chance_level() -> dict[str, float]:

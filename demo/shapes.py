@@ -14,6 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 # Saturated colours far apart in hue, on a plain light background.
@@ -25,14 +26,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 185),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (238, 238, 232)
-# (width, height) of the canvases at the training short side (32 px), with their sampling weights. Most are
-# non-square, so the square crop sees the shape at many offsets (a square canvas always shows it centred).
+BACKGROUND = (238, 238, 232)   # at the canvas origin; the grey darkens away from it (a soft spotlight)
+VIGNETTE = 70.0                # grey level lost at distance 1 from the origin (canvas units)
+# (width, height) of the canvases at the training short side (32 px), with their sampling weights. None is
+# square: every square crop then shows the shape at an offset only the position map tells, so the model has to
+# place it by position (a square canvas would always show it centred, a shortcut that ignores the camera).
 CANVASES: tuple[tuple[tuple[int, int], float], ...] = (
-    ((32, 32), 1.0),
     ((40, 32), 1.0), ((32, 40), 1.0),
-    ((48, 32), 1.5), ((32, 48), 1.5),
-    ((64, 32), 1.5), ((32, 64), 1.5),
+    ((48, 32), 1.0), ((32, 48), 1.0),
+    ((64, 32), 1.0), ((32, 64), 1.0),
 )
 SUPERSAMPLE = 4
 
@@ -71,36 +73,50 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
+def background(w: int, h: int, vignette: float = VIGNETTE) -> Image.Image:
+    """Plain light grey, darker with the squared distance from the canvas origin (never saturated, so
+    demo.measure never mistakes it for the shape). It makes every pixel depend on its canvas position, which
+    teaches the model to read the position map within minutes, and it shows the camera move in the strip."""
+    long_side = max(w, h)
+    y = (np.arange(h) + 0.5 - h / 2)[:, None] * (2 / long_side)
+    x = (np.arange(w) + 0.5 - w / 2)[None, :] * (2 / long_side)
+    drop = vignette * (x ** 2 + y ** 2)
+    rgb = np.clip(np.array(BACKGROUND, dtype=np.float32)[None, None] - drop[..., None], 0, 255)
+    return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+
+
 def render(colour: str, shape: str, size: tuple[int, int], *, centre: tuple[float, float] = (0.0, 0.0),
-           half_size: float = 0.34) -> Image.Image:
+           half_size: float = 0.34, vignette: float = VIGNETTE) -> Image.Image:
     """One canvas of `size` (w, h) px with the shape at canvas coordinates `centre` = (x, y) and half-size
     `half_size`, both in units where the long side spans [-1, 1] (so the shape scales with the long side)."""
     w, h = size
     s = SUPERSAMPLE
-    img = Image.new("RGB", (w * s, h * s), BACKGROUND)
+    img = background(w * s, h * s, vignette)
     unit = max(w, h) * s / 2  # pixels per canvas unit
     cx, cy = w * s / 2 + centre[0] * unit, h * s / 2 + centre[1] * unit
     draw_shape(ImageDraw.Draw(img), shape, cx, cy, half_size * unit, COLOURS[colour])
     return img.resize((w, h), Image.BOX)
 
 
-def sample(rng: random.Random) -> tuple[Image.Image, str]:
+def sample(rng: random.Random, *, vignette: float = VIGNETTE,
+           canvases: tuple[tuple[tuple[int, int], float], ...] = CANVASES) -> tuple[Image.Image, str]:
     """A random (image, caption) pair."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    sizes, weights = zip(*CANVASES)
+    sizes, weights = zip(*canvases)
     size = rng.choices(sizes, weights)[0]
     jitter = (rng.gauss(0, 0.03), rng.gauss(0, 0.03))
-    img = render(colour, shape, size, centre=jitter, half_size=rng.uniform(0.30, 0.38))
+    img = render(colour, shape, size, centre=jitter, half_size=rng.uniform(0.30, 0.38), vignette=vignette)
     return img, caption_for(colour, shape)
 
 
-def make_dataset(root: str | Path, n: int = 2000, seed: int = 0) -> Path:
-    """Write n PNG + same-stem .txt pairs to root (deterministic from the seed; existing files are replaced)."""
+def make_dataset(root: str | Path, n: int = 3000, seed: int = 0, **kw) -> Path:
+    """Write n PNG + same-stem .txt pairs to root (deterministic from the seed; existing files are replaced).
+    Keyword arguments go to `sample` (vignette, canvases)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(n):
-        img, caption = sample(rng)
+        img, caption = sample(rng, **kw)
         img.save(root / f"{i:05d}.png")
         (root / f"{i:05d}.txt").write_text(caption, encoding="utf-8")
     return root
@@ -109,7 +125,7 @@ def make_dataset(root: str | Path, n: int = 2000, seed: int = 0) -> Path:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root")
-    p.add_argument("-n", type=int, default=2000)
+    p.add_argument("-n", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     print(make_dataset(a.root, a.n, a.seed))

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .weights import assign_weights
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Qwen3Model
 
@@ -171,13 +173,8 @@ def load_qwen3(
     dtype = dtype or ref.dtype
     device = torch.device(device) if device is not None else ref.device
     model = build_qwen3(config, dtype=dtype, device="meta")
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-    result = model.load_state_dict(sd, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"Qwen3 state dict does not match config {config}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; check that the checkpoint is a Qwen3 text encoder"
-        )
+    assign_weights(model, sd, dtype=dtype, device=device,
+                   what=f"Qwen3 state dict does not match config {config} (is the checkpoint a Qwen3 text encoder?)")
     _reset_rotary(model, device)
     return model.eval().requires_grad_(False)
 

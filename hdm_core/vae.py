@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .weights import assign_weights
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
@@ -140,14 +142,8 @@ class LatentVAE(torch.nn.Module):
         ref = vae_sd["decoder.conv_in.weight"]
         dtype = dtype or ref.dtype
         device = torch.device(device) if device is not None else ref.device
-        vae = build_autoencoder(full, device="meta")
-        vae_sd = {k: v.to(device=device, dtype=dtype) for k, v in vae_sd.items()}
-        result = vae.load_state_dict(vae_sd, strict=False, assign=True)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"VAE state dict does not match config {full}: missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}; pass the right config"
-            )
+        vae = assign_weights(build_autoencoder(full, device="meta"), vae_sd, dtype=dtype, device=device,
+                             what=f"VAE state dict does not match config {full} (pass the right config)")
         return cls(vae, sd.get("vae_mean"), sd.get("vae_std"))
 
     @property
