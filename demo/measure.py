@@ -87,7 +87,8 @@ class ShapeStats:
     area: float              # the largest blob's fraction of the frame
     cx: float                # centroid x (frame units, long side = [-1, 1]); nan without a shape
     cy: float                # centroid y
-    fill: float              # soft coverage of the bounding box (square ≈ 0.95, circle ≈ 0.77, triangle ≈ 0.53)
+    taper: float             # top-third / bottom-third pixels of the blob (triangle ≈ 0.25, others ≈ 1)
+    corners: float           # fullness of the bounding box's corner cells (square ≈ 1, circle ≈ 0.3)
 
 
 def dominant_colour(image, mask: np.ndarray | None = None) -> str | None:
@@ -103,39 +104,49 @@ def dominant_colour(image, mask: np.ndarray | None = None) -> str | None:
     return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
 
 
-def shape_of(image, mask: np.ndarray | None = None) -> tuple[str | None, float]:
-    """(shape, fill) where fill is the soft coverage of the bounding box of the foreground (or of `mask`): each
-    pixel counts its saturation relative to the shape's own, so anti-aliased edges count partly. On the training
-    renders: square ≈ 0.95, circle ≈ 0.77, triangle ≈ 0.53."""
-    sat = saturation(image)
-    mask = sat > MIN_SATURATION if mask is None else mask
+def shape_of(mask: np.ndarray) -> tuple[str | None, float, float]:
+    """(shape, taper, corners) of a blob, from two features of its bounding box that survive blur:
+    taper = filled pixels in the top third / in the bottom third (a triangle ≈ 0.25, circle and square ≈ 1) and
+    corners = how full the four corner cells (a quarter of each side) are (square ≈ 1, circle ≈ 0.3 on the
+    training renders; a blurry sample lowers both, so the cut is at 0.4)."""
     if mask.mean() < MIN_AREA:
-        return None, float("nan")
+        return None, float("nan"), float("nan")
     ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = np.where(mask[y0:y1, x0:x1], sat[y0:y1, x0:x1], 0.0)
-    peak = float(np.percentile(sat[mask], 90))
-    fill = float(np.clip(box / peak, 0, 1).sum() / box.size)
-    if fill > 0.86:
-        return "square", fill
-    if fill > 0.63:
-        return "circle", fill
-    return "triangle", fill
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float64)
+    h, w = box.shape
+    third, ch, cw = max(1, round(h / 3)), max(1, round(h / 4)), max(1, round(w / 4))
+    taper = float(box[:third].sum() / max(box[-third:].sum(), 1.0))
+    corners = float(np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(),
+                             box[-ch:, -cw:].mean()]))
+    if taper < 0.5:
+        return "triangle", taper, corners
+    return ("square" if corners > 0.4 else "circle"), taper, corners
+
+
+def shape_mask(image) -> np.ndarray:
+    """The shape: the largest blob of pixels at least half as saturated as the shape's typical pixel (this drops
+    the faint fringe a small model paints around edges, and stray specks)."""
+    sat = saturation(image)
+    coarse = sat > MIN_SATURATION
+    if coarse.mean() < MIN_AREA:
+        return np.zeros_like(coarse)
+    peak = float(np.percentile(sat[coarse], 90))
+    return largest_blob(sat > max(MIN_SATURATION, 0.5 * peak))
 
 
 def measure(image) -> ShapeStats:
-    """Colour, shape, area and centroid of the largest saturated blob."""
+    """Colour, shape, area and centroid of the shape (see `shape_mask`)."""
     arr = as_array(image)
-    blob = largest_blob(foreground(arr))
+    blob = shape_mask(arr)
     area = float(blob.mean())
     if area < MIN_AREA:
-        return ShapeStats(None, None, area, float("nan"), float("nan"), float("nan"))
+        return ShapeStats(None, None, area, float("nan"), float("nan"), float("nan"), float("nan"))
     y, x = frame_coords(*blob.shape)
     weight = blob.astype(np.float64)
     cx = float((weight * x).sum() / weight.sum())
     cy = float((weight * y).sum() / weight.sum())
-    shape, fill = shape_of(arr, blob)
-    return ShapeStats(dominant_colour(arr, blob), shape, area, cx, cy, fill)
+    shape, taper, corners = shape_of(blob)
+    return ShapeStats(dominant_colour(arr, blob), shape, area, cx, cy, taper, corners)
 
 
 def chance_level() -> dict[str, float]:

@@ -1,9 +1,10 @@
 """The main job on a CPU-only machine: generate a shapes dataset, train a tiny pixel-space HDM with the bundled
 launcher, export it in the released single-file layout, and draw a prompt grid and a camera strip.
 
-    python -m demo.run --out demo_out                 # the recipe's step count (a few minutes on 2 cores)
+    python -m demo.run --out demo_out                 # the recipe's 2,000 steps (about 4 min on 2 idle cores),
+                                                      # fewer if a timing says they would take over 6.5 min
     python -m demo.run --out demo_out --minutes 5     # as many steps as fit in about 5 minutes of training
-    python -m demo.run --out demo_out --steps 300     # a quick look
+    python -m demo.run --out demo_out --steps 400     # a quick look (what tests/test_demo.py trains)
 
 Writes demo_out/hdm-demo.safetensors (unet.model.* / te.text_models.0.* / vae.pixel_space_vae, opens with
 hdm_core.checkpoint.load_components and ComfyUI's checkpoint loader), demo_out/grid.png, demo_out/camera_strip.png
@@ -37,6 +38,7 @@ X_SHIFTS = (-0.5, -0.25, 0.0, 0.25, 0.5)
 ZOOMS = (0.75, 0.87, 1.0, 1.15, 1.33)
 CAMERA_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square")
 SAMPLE = dict(steps=20, cfg=3.0, sampler="euler")
+DEFAULT_TRAIN_MINUTES = 6.5     # cap on the recipe's step count when neither --steps nor --minutes is given
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,9 +189,11 @@ def sheet(tiles: list[Any], cols: int, title: str = "") -> Any:
     return out
 
 
-def write_grid(follow: dict[str, Any], path: Path, cols: int = 3, scale: int = 4) -> None:
+def write_grid(follow: dict[str, Any], path: Path, cols: int = 6, scale: int = 4) -> None:
+    """One row per colour: each shape with each seed, labelled with what demo.measure reads in it."""
+    order = {p: i for i, p in enumerate(prompts())}
     tiles = []
-    for r in follow["rows"]:
+    for r in sorted(follow["rows"], key=lambda r: (order.get(r["prompt"], len(order)), r["seed"])):
         mark = ("ok " if r["colour_ok"] else "x ") + f"{r['colour']}, {r['shape']}"
         tiles.append(_tile(r["image"], f"{r['prompt'][2:]} s{r['seed']}", scale, mark))
     title = (f"colour {follow['colour_accuracy']:.0%} / shape {follow['shape_accuracy']:.0%} "
@@ -214,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train and show a tiny HDM on generated shapes (CPU, minutes).")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=0, help="optimizer steps (default: the recipe's)")
+    budget.add_argument("--steps", type=int, default=0,
+                        help=f"optimizer steps (default: the recipe's, capped to ~{DEFAULT_TRAIN_MINUTES:g} min)")
     budget.add_argument("--minutes", type=float, default=0.0,
                         help="training time budget; the step count is set from a short timing of this machine")
     p.add_argument("--images", type=int, default=3000, help="size of the generated dataset")
@@ -234,15 +239,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
+    shutil.rmtree(out / "data", ignore_errors=True)  # the demo's own folder: no stale images from an earlier run
     data = make_dataset(out / "data", args.images, args.seed)
     timings["dataset_s"] = time.perf_counter() - t0
     print(f"[demo] dataset: {args.images} captioned shape images in {data} ({timings['dataset_s']:.1f} s)", flush=True)
 
     steps = args.steps or None
-    if args.minutes:
+    if not args.steps:
+        from training.recipe import load_recipe
+
+        recipe_steps = load_recipe(args.recipe, args.overrides).train.max_steps
         per_step = estimate_step_seconds(args.recipe, args.overrides)
-        steps = max(10, int(args.minutes * 60 / per_step))
-        print(f"[demo] about {per_step * 1000:.0f} ms per step here: {steps} steps for {args.minutes:g} min", flush=True)
+        fit = max(10, int((args.minutes or DEFAULT_TRAIN_MINUTES) * 60 / per_step))
+        steps = fit if args.minutes else min(recipe_steps, fit)
+        print(f"[demo] about {per_step * 1000:.0f} ms per training step on this machine now: {steps} steps "
+              f"(~{steps * per_step / 60:.1f} min)", flush=True)
     t0 = time.perf_counter()
     export = train(data, out / "runs", steps, args.recipe, args.overrides)
     timings["train_s"] = time.perf_counter() - t0

@@ -5,7 +5,7 @@ The shape is anchored in *canvas* coordinates (the axial position map of the who
 Training takes shifted square crops and crops the position map with them, so the model learns the shape as a
 function of position, which is what makes the camera (x/y shift, zoom) move and scale it at inference.
 
-    python -m demo.shapes /tmp/shapes -n 2000 --seed 0
+    python -m demo.shapes /tmp/shapes -n 3000 --seed 0
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 185),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (238, 238, 232)   # at the canvas origin; the grey darkens away from it (a soft spotlight)
-VIGNETTE = 70.0                # grey level lost at distance 1 from the origin (canvas units)
+BACKGROUND = (238, 238, 232)
+VIGNETTE = 0.0                 # optional: grey level lost at distance 1 from the canvas origin (0 = plain)
 # (width, height) of the canvases at the training short side (32 px), with their sampling weights. None is
 # square: every square crop then shows the shape at an offset only the position map tells, so the model has to
 # place it by position (a square canvas would always show it centred, a shortcut that ignores the camera).
@@ -74,9 +74,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half
 
 
 def background(w: int, h: int, vignette: float = VIGNETTE) -> Image.Image:
-    """Plain light grey, darker with the squared distance from the canvas origin (never saturated, so
-    demo.measure never mistakes it for the shape). It makes every pixel depend on its canvas position, which
-    teaches the model to read the position map within minutes, and it shows the camera move in the strip."""
+    """Plain light grey; with vignette > 0, darker with the squared distance from the canvas origin (grey, so
+    demo.measure never mistakes it for the shape). The demo uses the plain one: the vignette makes the camera
+    visible in the background too, but a small model paints colour where the camera looks past |p| = 1."""
     long_side = max(w, h)
     y = (np.arange(h) + 0.5 - h / 2)[:, None] * (2 / long_side)
     x = (np.arange(w) + 0.5 - w / 2)[None, :] * (2 / long_side)
