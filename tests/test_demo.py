@@ -2,8 +2,9 @@
 follows the prompt's colour and shape and whose camera moves and scales the content, exported in the released
 single-file layout.
 
-The budget is smaller than the README demo's (TEST_STEPS steps on TEST_IMAGES images instead of the recipe's
-1,600 steps on 3,000); the thresholds are set far above chance and below what this budget reaches.
+The budget is smaller than the README demo's (TEST_STEPS steps at twice the learning rate on TEST_IMAGES images,
+instead of the recipe's 2,000 steps on 3,000; about a minute on 2 cores). The thresholds are far above chance
+and below what this budget reached on three different dataset seeds (colour 15/15, camera 9-10/10 each way).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hdm_core.checkpoint import (
 
 TEST_STEPS = 400
 TEST_IMAGES = 1500
+TEST_OVERRIDES = ["optim.lr=1.0"]  # a short run learns the colour words faster at twice the recipe's rate
 SAMPLE = dict(steps=12, cfg=3.0)   # faster than the demo's 20 steps
 
 
@@ -42,7 +44,7 @@ def demo_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
     data = make_dataset(root / "data", TEST_IMAGES, seed=0)
-    export = train(data, root / "runs", TEST_STEPS, quiet=True)
+    export = train(data, root / "runs", TEST_STEPS, extra=TEST_OVERRIDES, quiet=True)
     print(f"\n[test_demo] dataset + {TEST_STEPS} training steps: {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(0)
     return export, load_components(export, dtype=torch.float32)
