@@ -166,13 +166,31 @@ def load_xut(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devic
     return build_xut(sd, read_config(f, sd)).to(device)
 
 
+def read_text_encoder(f: SafetensorsFile, *, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> Any:
+    """The Qwen3 text encoder of a single file (`te.text_models.0.*`, read alone) or of a text-encoder file."""
+    from .text_encoder import TextEncoder
+
+    sd = f.part(TE_PREFIX if f.has(TE_PREFIX) else "", dtype)
+    return TextEncoder.from_state_dict(sd, dtype=dtype, device=device)
+
+
+def read_vae(f: SafetensorsFile, *, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> Any:
+    """The VAE of a single file (`vae.*` + `vae_mean`/`vae_std`) or of a VAE file, with its normalisation."""
+    from .vae import LatentVAE
+
+    sd = f.part(VAE_PREFIX if f.has(VAE_PREFIX) else "", dtype)
+    sd.update({k: f.get(k) for k in ("vae_mean", "vae_std") if k in f.keys})
+    return LatentVAE.from_state_dict(sd, dtype=dtype, device=device)
+
+
 def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_model: str | os.PathLike | None = None,
                     text_encoder: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                     dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     allow_pickle: bool = False) -> HDMComponents:
     """Load a single-file checkpoint and/or split files (a split file overrides that part of the single file)."""
-    from .text_encoder import TextEncoder
-    from .vae import LatentVAE, PixelSpace
+    from .vae import PixelSpace
 
     if checkpoint is None and diffusion_model is None:
         raise CheckpointError("no diffusion model given: pass a single-file checkpoint or a diffusion_model file")
@@ -185,8 +203,7 @@ def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_mo
     te_file = SafetensorsFile(text_encoder, allow_pickle=allow_pickle) if text_encoder is not None else single
     te = None
     if te_file is not None and (te_file is not single or te_file.has(TE_PREFIX)):
-        te_sd = te_file.part(TE_PREFIX if te_file is single else "", dtype)  # read only the encoder's tensors
-        te = TextEncoder.from_state_dict(te_sd, dtype=dtype, device=device)
+        te = read_text_encoder(te_file, dtype=dtype, device=device)
 
     vae_file = SafetensorsFile(vae, allow_pickle=allow_pickle) if vae is not None else single
     decoder = None
@@ -197,9 +214,7 @@ def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_mo
         elif vae_file is not single or vae_file.has(VAE_PREFIX):
             # The SDXL VAE overflows in fp16; it runs in fp32, or bf16 when asked for.
             vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-            vae_sd = vae_file.part(VAE_PREFIX if vae_file is single else "", vae_dtype)
-            vae_sd.update({k: vae_file.get(k) for k in ("vae_mean", "vae_std") if k in vae_file.keys})
-            decoder = LatentVAE.from_state_dict(vae_sd, device=device)
+            decoder = read_vae(vae_file, dtype=vae_dtype, device=device)
     return HDMComponents(model=model, config=config, text_encoder=te, vae=decoder)
 
 

@@ -175,3 +175,17 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     ckpt = latest_checkpoint(run)
     assert ckpt is not None and 0 < load_checkpoint(ckpt)["step"] < 100000
     assert not (run / "done.json").exists()
+
+
+def test_frozen_encoders_read_from_a_released_single_file(tiny_checkpoint):
+    from hdm_core.checkpoint import load_components
+    from training.encoders import build_text_encoder, build_vae
+
+    cpu = torch.device("cpu")
+    te = build_text_encoder(str(tiny_checkpoint), torch.float32, cpu)
+    vae = build_vae(str(tiny_checkpoint), torch.float32, cpu)
+    ref = load_components(tiny_checkpoint)
+    assert torch.allclose(te.encode("a red circle")[0], ref.text_encoder.encode("a red circle")[0], atol=1e-5)
+    assert not any(p.requires_grad for p in te.parameters()) and not any(p.requires_grad for p in vae.parameters())
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.allclose(vae.encode(images, sample=False), ref.vae.encode(images, sample=False))

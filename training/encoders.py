@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hdm_core.checkpoint import TE_PREFIX, VAE_PREFIX, SafetensorsFile
+from hdm_core.checkpoint import SafetensorsFile, read_text_encoder, read_vae
 
 from .recipe import parse_value
 
@@ -56,6 +56,13 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
+def _seeded(seed: int, build: Any) -> Any:
+    """build() with the global RNG seeded, leaving the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def build_text_encoder(source: str, dtype: torch.dtype, device: torch.device) -> Any:
     """A frozen hdm_core TextEncoder from a path or a "random:" spec."""
     from hdm_core.text_encoder import TextEncoder, build_qwen3
@@ -65,13 +72,9 @@ def build_text_encoder(source: str, dtype: torch.dtype, device: torch.device) ->
                          "safetensors file, or 'random:tiny' for a CPU test run")
     if source.startswith("random:"):
         config, seed = parse_random_spec(source, RANDOM_TEXT_ENCODERS)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_qwen3(config, dtype=torch.float32, device="cpu")
+        model = _seeded(seed, lambda: build_qwen3(config, dtype=torch.float32, device="cpu"))
         return _frozen(TextEncoder(model.to(device=device, dtype=dtype)))
-    f = SafetensorsFile(source)
-    sd = f.part(TE_PREFIX) if f.has(TE_PREFIX) else f.part("")
-    return _frozen(TextEncoder.from_state_dict(sd, dtype=dtype, device=device))
+    return _frozen(read_text_encoder(SafetensorsFile(source), dtype=dtype, device=device))
 
 
 def build_vae(source: str, dtype: torch.dtype, device: torch.device) -> Any:
@@ -85,18 +88,9 @@ def build_vae(source: str, dtype: torch.dtype, device: torch.device) -> Any:
                          "file, 'pixel' for pixel space, or 'random:tiny' for a CPU test run")
     if source.startswith("random:"):
         config, seed = parse_random_spec(source, RANDOM_VAES)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            vae = build_autoencoder(config, device="cpu")
-        vae = vae.to(device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
-        return _frozen(LatentVAE(vae))
-    f = SafetensorsFile(source)
-    if f.has(VAE_PREFIX):
-        sd = {VAE_PREFIX + k: v for k, v in f.part(VAE_PREFIX).items()}
-        sd.update({k: f.get(k) for k in ("vae_mean", "vae_std") if k in f.keys})
-    else:
-        sd = f.part("")
-    return _frozen(LatentVAE.from_state_dict(sd, dtype=dtype, device=device))
+        vae = _seeded(seed, lambda: build_autoencoder(config, device="cpu"))
+        return _frozen(LatentVAE(vae.to(device=device, dtype=dtype)))
+    return _frozen(read_vae(SafetensorsFile(source), dtype=dtype, device=device))
 
 
 def vae_export_parts(vae: Any) -> dict[str, Any]:
