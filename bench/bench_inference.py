@@ -21,8 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from hdm_core import PRESETS, XUT  # noqa: E402
 from hdm_core.flops import xut_flops  # noqa: E402
+from hdm_core.weights import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEXT_TOKENS = 64  # a typical prompt; the negative is usually shorter
 
 

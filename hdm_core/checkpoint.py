@@ -1,15 +1,11 @@
-"""HDM checkpoints: the released single-file layout (SPEC §8), split files, validation and saving.
-
-Single file: `unet.model.*` (XUT, official names), `te.text_models.0.*` (Qwen3Model), `vae.*` (diffusers
-AutoencoderKL) and `vae_mean` / `vae_std`. A pixel-space model stores the marker `vae.pixel_space_vae`
-(the key ComfyUI uses to pick its pixel-space VAE). Our files also carry the XUT config as JSON metadata.
-"""
+"""HDM checkpoint files: open them (safetensors, or pickles only when asked), build hdm_core modules from the
+parts `hdm_core.layout` finds in them, and save the released single-file layout."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,30 +14,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import XUTConfig, infer_config
+from .config import XUTConfig
+from .layout import (
+    CONFIG_METADATA_KEY,
+    PIXEL_SPACE_KEY,
+    TE_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    find_text_encoder,
+    find_vae,
+    is_pixel_space,
+    text_encoder_part,
+    vae_part,
+    vae_stats,
+    xut_part,
+)
+from .weights import CheckpointError, atomic_write, build_with_weights
 from .xut import XUT
 
-UNET_PREFIX = "unet.model."
-TE_PREFIX = "te.text_models.0."
-VAE_PREFIX = "vae."
-PIXEL_SPACE_KEY = "vae.pixel_space_vae"
-CONFIG_METADATA_KEY = "hdm.xut_config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-# Key fragments that identify checkpoints of other families, for a useful error message.
-_OTHER_ARCHS = [
-    ("model.diffusion_model.double_blocks.", "Flux"),
-    ("double_blocks.0.img_attn.", "Flux"),
-    ("model.diffusion_model.joint_blocks.", "SD3"),
-    ("conditioner.embedders.1.", "SDXL"),
-    ("model.diffusion_model.input_blocks.", "Stable Diffusion (UNet)"),
-    ("model.diffusion_model.", "another ComfyUI diffusion model"),
-    ("first_stage_model.", "an LDM checkpoint"),
-]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as given; the message says what was found and what to do."""
 
 
 @dataclass
@@ -58,131 +49,95 @@ class HDMComponents:
 # Reading
 # ---------------------------------------------------------------------------------------------------
 
-class SafetensorsFile:
-    """Lazy view of a safetensors file: keys and metadata now, tensors on demand (memory-mapped)."""
+class SafetensorsFile(Mapping):
+    """Lazy mapping view of a checkpoint file: keys and metadata now, each tensor read (memory-mapped) and cast
+    to `dtype` (floating tensors; None keeps the file's) when it is looked up."""
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
-        self.path = Path(path)
+        self.path, self.dtype = Path(path), None
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
+        self._tensors, self.metadata = None, {}
         if self.path.suffix.lower() in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise CheckpointError(
                     f"{self.path.name} is a pickle file, which can run arbitrary code when loaded; convert it "
                     f"to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source")
-            self._tensors = torch.load(self.path, map_location="cpu", weights_only=True)
-            self._tensors = self._tensors.get("state_dict", self._tensors)
-            self.metadata: dict[str, str] = {}
-            self.keys = list(self._tensors)
-            return
-        self._tensors = None
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-        except (SafetensorError, OSError) as err:
-            size = self.path.stat().st_size
-            raise CheckpointError(
-                f"{self.path.name} ({size:,} bytes) is not a readable safetensors file ({err}); it is probably "
-                f"truncated or corrupt: download or copy it again") from err
-        self.metadata = self._file.metadata() or {}
-        self.keys = list(self._file.keys())
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            self._tensors = state.get("state_dict", state)
+            self._keys = list(self._tensors)
+        else:
+            try:
+                self._file = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(
+                    f"{self.path.name} ({self.path.stat().st_size:,} bytes) is not a readable safetensors file "
+                    f"({err}); it is probably truncated or corrupt: download or copy it again") from err
+            self.metadata = self._file.metadata() or {}
+            self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
 
-    def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
+    def cast(self, dtype: torch.dtype | None) -> SafetensorsFile:
+        """The same file, its floating tensors read as `dtype` (one at a time: no second full copy)."""
+        view = object.__new__(SafetensorsFile)
+        view.__dict__.update(self.__dict__, dtype=dtype)
+        return view
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
         try:
-            return self._file.get_tensor(key)
+            tensor = self._tensors[key] if self._tensors is not None else self._file.get_tensor(key)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"tensor {key!r} in {self.path.name} cannot be read ({err}); the file is "
                                   f"truncated or corrupt: download or copy it again") from err
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
-    def part(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """All tensors under `prefix`, prefix stripped, cast one at a time (no second full copy)."""
-        out = {}
-        for key in self.keys:
-            if key.startswith(prefix):
-                tensor = self.get(key)
-                cast = dtype is not None and tensor.is_floating_point()
-                out[key[len(prefix):]] = tensor.to(dtype) if cast else tensor
-        return out
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
 
-    def has(self, prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in self.keys)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
-def describe_architecture(keys: Iterable[str]) -> str:
-    """A short guess of what family a non-HDM checkpoint belongs to."""
-    keys = list(keys)
-    for fragment, name in _OTHER_ARCHS:
-        if any(k.startswith(fragment) for k in keys):
-            return f"{name} (found keys starting with {fragment!r})"
-    if any(k.startswith(("layers.0.self_attn.", "model.layers.0.self_attn.")) for k in keys):
-        return "a text encoder only (Qwen/Llama-style keys)"
-    if any(k.startswith(("decoder.up_blocks.", "decoder.up.")) for k in keys):
-        return "a VAE only"
-    return f"an unknown model (first keys: {keys[:5]})"
-
-
-def _xut_prefix(f: SafetensorsFile) -> str:
-    for prefix in (UNET_PREFIX, ""):
-        if prefix + "in_patch.proj.weight" in f.keys:
-            return prefix
-    raise CheckpointError(
-        f"{f.path.name} is not an HDM/XUT checkpoint: it looks like {describe_architecture(f.keys)}. HDM files "
-        f"contain '{UNET_PREFIX}in_patch.proj.weight' (single file) or 'in_patch.proj.weight' (diffusion model only)")
-
-
-def build_xut(sd: Mapping[str, torch.Tensor], config: XUTConfig | None = None, *, ops: Any = torch.nn,
-              strict: bool = True) -> XUT:
-    """An XUT holding exactly the tensors of `sd` (built on meta and assigned, so nothing is copied)."""
-    config = config or infer_config(sd)
-    with torch.device("meta"):
-        model = XUT(config, ops=ops)
-    expected = model.state_dict()
-    mismatched = [f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
-                  for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if mismatched or missing or (strict and unexpected):
-        raise CheckpointError(
-            f"XUT weights do not match config {config.to_dict()}: {len(mismatched)} mismatched shapes "
-            f"{mismatched[:3]}, {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:5]}; the file is damaged or of another XUT variant (check its config metadata)")
-    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, assign=True)
-    return model.eval()
-
-
-def read_config(f: SafetensorsFile, sd: Mapping[str, torch.Tensor]) -> XUTConfig:
-    """The config stored in the metadata, else the one inferred from shapes."""
-    if CONFIG_METADATA_KEY in f.metadata:
-        return XUTConfig.from_dict(json.loads(f.metadata[CONFIG_METADATA_KEY]))
-    return infer_config(sd)
+def build_xut(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, ops: Any = torch.nn,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+              name: str = "checkpoint") -> XUT:
+    """An XUT holding exactly the XUT tensors of `sd` (any layout; built on meta and assigned, nothing copied)."""
+    xut, config = xut_part(sd, metadata, name)
+    return build_with_weights(lambda: XUT(config, ops=ops), xut, dtype=dtype, device=device,
+                              what=f"XUT weights do not match config {config.to_dict()} (the file is damaged or of "
+                                   f"another XUT variant; check its config metadata)")
 
 
 def load_xut(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
              allow_pickle: bool = False) -> XUT:
     """Load the diffusion model from a single-file or diffusion-model-only checkpoint."""
     f = SafetensorsFile(path, allow_pickle=allow_pickle)
-    sd = f.part(_xut_prefix(f), dtype)
-    return build_xut(sd, read_config(f, sd)).to(device)
+    return build_xut(f.cast(dtype), f.metadata, device=device, name=f.path.name)
 
 
 def read_text_encoder(f: SafetensorsFile, *, dtype: torch.dtype | None = None,
                       device: torch.device | str | None = None) -> Any:
-    """The Qwen3 text encoder of a single file (`te.text_models.0.*`, read alone) or of a text-encoder file."""
+    """The Qwen3 text encoder of a single file (its tensors read alone) or of a text-encoder file."""
     from .text_encoder import TextEncoder
 
-    sd = f.part(TE_PREFIX if f.has(TE_PREFIX) else "", dtype)
-    return TextEncoder.from_state_dict(sd, dtype=dtype, device=device)
+    sd, config = text_encoder_part(f.cast(dtype), f.path.name)
+    return TextEncoder.from_state_dict(sd, config, dtype=dtype, device=device)
 
 
 def read_vae(f: SafetensorsFile, *, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None) -> Any:
-    """The VAE of a single file (`vae.*` + `vae_mean`/`vae_std`) or of a VAE file, with its normalisation."""
-    from .vae import LatentVAE
+    """The VAE of a single file or of a VAE file, with the file's latent statistics (or PixelSpace)."""
+    from .vae import LatentVAE, PixelSpace
 
-    sd = f.part(VAE_PREFIX if f.has(VAE_PREFIX) else "", dtype)
-    sd.update({k: f.get(k) for k in ("vae_mean", "vae_std") if k in f.keys})
-    return LatentVAE.from_state_dict(sd, dtype=dtype, device=device)
+    if is_pixel_space(f):
+        return PixelSpace()
+    return LatentVAE.from_state_dict(vae_part(f.cast(dtype), f.path.name), *vae_stats(f), dtype=dtype,
+                                     device=device)
 
 
 def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_model: str | os.PathLike | None = None,
@@ -194,28 +149,25 @@ def load_components(checkpoint: str | os.PathLike | None = None, *, diffusion_mo
 
     if checkpoint is None and diffusion_model is None:
         raise CheckpointError("no diffusion model given: pass a single-file checkpoint or a diffusion_model file")
-    single = SafetensorsFile(checkpoint, allow_pickle=allow_pickle) if checkpoint is not None else None
-    dm = SafetensorsFile(diffusion_model, allow_pickle=allow_pickle) if diffusion_model is not None else single
-    sd = dm.part(_xut_prefix(dm), dtype)
-    config = read_config(dm, sd)
-    model = build_xut(sd, config).to(device)
+    open_file = lambda p: SafetensorsFile(p, allow_pickle=allow_pickle) if p is not None else None  # noqa: E731
+    single = open_file(checkpoint)
+    dm = open_file(diffusion_model) or single
+    model = build_xut(dm.cast(dtype), dm.metadata, device=device, name=dm.path.name)
 
-    te_file = SafetensorsFile(text_encoder, allow_pickle=allow_pickle) if text_encoder is not None else single
-    te = None
-    if te_file is not None and (te_file is not single or te_file.has(TE_PREFIX)):
-        te = read_text_encoder(te_file, dtype=dtype, device=device)
+    te_file = open_file(text_encoder) or (single if single is not None and find_text_encoder(single) else None)
+    te = read_text_encoder(te_file, dtype=dtype, device=device) if te_file is not None else None
 
-    vae_file = SafetensorsFile(vae, allow_pickle=allow_pickle) if vae is not None else single
-    decoder = None
-    if vae_file is not None:
-        if PIXEL_SPACE_KEY in vae_file.keys or (vae_file is single and config.input_dim == 3
-                                                and not vae_file.has(VAE_PREFIX)):
+    vae_file, decoder = open_file(vae), None
+    if vae_file is None and single is not None:
+        if find_vae(single) is not None or is_pixel_space(single):
+            vae_file = single
+        elif model.config.input_dim == 3:
             decoder = PixelSpace()
-        elif vae_file is not single or vae_file.has(VAE_PREFIX):
-            # The SDXL VAE overflows in fp16; it runs in fp32, or bf16 when asked for.
-            vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-            decoder = read_vae(vae_file, dtype=vae_dtype, device=device)
-    return HDMComponents(model=model, config=config, text_encoder=te, vae=decoder)
+    if vae_file is not None:
+        # The SDXL VAE overflows in fp16; it runs in fp32, or bf16 when asked for.
+        vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        decoder = read_vae(vae_file, dtype=vae_dtype, device=device)
+    return HDMComponents(model=model, config=model.config, text_encoder=te, vae=decoder)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,13 +181,8 @@ def _prefixed(prefix: str, sd: Mapping[str, torch.Tensor] | None, dtype: torch.d
             for k, v in sd.items()}
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file and a rename, so a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def _save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_single_file(path: str | os.PathLike, model_sd: Mapping[str, torch.Tensor], config: XUTConfig, *,
@@ -253,10 +200,10 @@ def save_single_file(path: str | os.PathLike, model_sd: Mapping[str, torch.Tenso
         if value is not None:
             tensors[name] = value.detach().float().reshape(1, -1, 1, 1).cpu().to(dtype or torch.float32)
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "format": "pt", **(extra_metadata or {})}
-    atomic_save(tensors, path, metadata)
+    _save(tensors, path, metadata)
 
 
 def save_xut(path: str | os.PathLike, model: XUT, *, dtype: torch.dtype | None = None) -> None:
     """Save only the diffusion model (official names, no prefix) for the split layout."""
-    atomic_save(_prefixed("", model.state_dict(), dtype), path,
+    _save(_prefixed("", model.state_dict(), dtype), path,
                 {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()), "format": "pt"})

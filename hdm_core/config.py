@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,23 @@ PRESETS: dict[str, XUTConfig] = {
     "xut-tiny": XUTConfig(dim=64, ctx_dim=48, ctx_size=8, heads=2, dim_head=32, mlp_dim=128, depth=2,
                           dec_blocks=2, tread_config=TreadConfig(1, 2, 0.5)),
 }
+
+
+def latent_size(width: int, height: int, *, downscale: int, patch: int,
+                round_down: bool = False) -> tuple[int, int]:
+    """Latent (height, width) of a pixel size. Pixel sides must be multiples of downscale × patch (SPEC §1:
+    16 px for the EQ-VAE): `round_down` rounds down with a warning (as the official pipeline), else ValueError."""
+    unit = downscale * patch
+    if width < unit or height < unit:
+        raise ValueError(f"image size {width}x{height} is too small: both sides must be at least {unit} px")
+    if width % unit or height % unit:
+        if not round_down:
+            near = [max(unit, round(s / unit) * unit) for s in (width, height)]
+            raise ValueError(f"{width}x{height} is not a multiple of {unit} px (VAE factor {downscale} × patch "
+                             f"{patch}); use e.g. {near[0]}x{near[1]}")
+        warnings.warn(f"{width}x{height} is not a multiple of {unit} px; generating "
+                      f"{width // unit * unit}x{height // unit * unit} instead", stacklevel=3)
+    return patch * (height // unit), patch * (width // unit)
 
 
 def _count(keys: list[str], pattern: str) -> int:

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import load_components
 from .pipeline import GenerationParams, generate, to_pil
 from .sampling import SAMPLERS, SamplingCancelled
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .weights import DTYPES
 
 
 def default_device() -> str:
@@ -84,16 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         img = Image.open(args.init_image).convert("RGB").resize((args.width, args.height), Image.LANCZOS)
         init = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
 
-    def progress(step: dict) -> None:
-        print(f"\rstep {step['i'] + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
-
     start = time.perf_counter()
-    try:
-        images = generate(comps, params, init_image=init, callback=progress)
-    except (KeyboardInterrupt, SamplingCancelled):
-        print("\ncancelled; nothing written", file=sys.stderr)
-        return 130
-    print(f"\n{len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+        try:
+            images = generate(comps, params, init_image=init, callback=lambda _: bar.update())
+        except (KeyboardInterrupt, SamplingCancelled):
+            bar.write("cancelled; nothing written", file=sys.stderr)
+            return 130
+    print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     save_pngs(to_pil(images), params, Path(args.out))
     return 0
 

@@ -4,14 +4,14 @@ sampler, schedule-shift, camera, TREAD-autoguidance and img2img options."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .checkpoint import HDMComponents
+from .config import latent_size
 from .flow import denoised_from_velocity, interpolate
 from .rope import aspect_info, camera_position_map
 from .sampling import SAMPLERS, cfg_velocity, flow_sigmas
@@ -37,22 +37,9 @@ class GenerationParams:
     tread_gamma_cond: float = 0.0
     tread_gamma_uncond: float = 0.0
     strength: float = 1.0  # img2img denoise; 1 = text-to-image
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def latent_size(width: int, height: int, downscale: int, patch: int) -> tuple[int, int]:
-    """Latent (height, width) for a pixel size, rounded down to what the model accepts (SPEC §1: 2·⌊px/16⌋)."""
-    unit = downscale * patch
-    if width < unit or height < unit:
-        raise ValueError(f"image size {width}x{height} is too small: both sides must be at least {unit} px")
-    lat_h, lat_w = patch * (height // unit), patch * (width // unit)
-    if (lat_h * downscale, lat_w * downscale) != (height, width):
-        warnings.warn(f"{width}x{height} is not a multiple of {unit} px; generating "
-                      f"{lat_w * downscale}x{lat_h * downscale} instead", stacklevel=3)
-    return lat_h, lat_w
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -102,7 +89,8 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
     device = next(model.parameters()).device
     cfg = components.config
     downscale = getattr(vae, "downscale_factor", 8)
-    lat_h, lat_w = latent_size(params.width, params.height, downscale, cfg.patch_size)
+    lat_h, lat_w = latent_size(params.width, params.height, downscale=downscale, patch=cfg.patch_size,
+                               round_down=True)
 
     cond, uncond = (c.to(device) for c in te.encode([params.prompt, params.negative_prompt]))
     b = params.batch_size
@@ -139,14 +127,19 @@ def to_pil(images: torch.Tensor) -> list[Any]:
     return [Image.fromarray(a) for a in arr]
 
 
-def grid(images: list[Any], cols: int | None = None) -> Any:
-    """Tile PIL images of one size into a grid."""
-    from PIL import Image
+def image_grid(images: list[Any], cols: int | None = None, *, pad: int = 0, background: Any = "white",
+               title: str = "") -> Any:
+    """Tile PIL images of one size into `cols` columns (default: a square-ish grid), `pad` px between and
+    around the tiles, with an optional title line on top."""
+    from PIL import Image, ImageDraw
 
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    top = 20 if title else 0
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad + top), background)
+    if title:
+        ImageDraw.Draw(sheet).text((6, 4), title, fill="black")
     for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+        sheet.paste(im, (pad + (i % cols) * (w + pad), top + pad + (i // cols) * (h + pad)))
     return sheet

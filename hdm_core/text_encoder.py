@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .weights import assign_weights
+from .weights import build_with_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Qwen3Model
@@ -37,10 +37,13 @@ QWEN3_06B = dict(
     attention_bias=False,
 )
 
-# Key prefixes of the layouts we accept, tried in this order (SPEC §8).
-TE_PREFIX = "te.text_models.0."  # official single-file checkpoint
-CAUSAL_LM_PREFIX = "model."  # transformers Qwen3ForCausalLM
-_QWEN3_ROOTS = ("embed_tokens.", "layers.", "norm.")
+# Seeded random encoders for tests, demos and benchmarks: Qwen3Config overrides of QWEN3_06B.
+QWEN3_PRESETS: dict[str, dict] = {
+    "qwen3-0.6b": {},
+    # Matches xut-tiny's ctx_dim 48. The vocabulary stays Qwen3's, so the real tokenizer works.
+    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=24),
+}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -114,24 +117,6 @@ def build_qwen3(
     return model.eval()
 
 
-def te_state_dict_from(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bare Qwen3Model keys from a single-file checkpoint, a Qwen3ForCausalLM dict or a bare Qwen3Model dict."""
-    if any(k.startswith(TE_PREFIX) for k in sd):
-        prefix = TE_PREFIX
-    elif f"{CAUSAL_LM_PREFIX}embed_tokens.weight" in sd:
-        prefix = CAUSAL_LM_PREFIX  # lm_head.weight (tied to the embedding) lies outside the prefix
-    elif "embed_tokens.weight" in sd:
-        prefix = ""
-    else:
-        raise ValueError(
-            f"no Qwen3 text-encoder keys found (looked for '{TE_PREFIX}*', '{CAUSAL_LM_PREFIX}embed_tokens.weight' "
-            f"and 'embed_tokens.weight'); first keys are {list(sd)[:5]}; "
-            "pass a checkpoint that contains the text encoder"
-        )
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items() if k.startswith(_QWEN3_ROOTS)}
-
-
 def infer_qwen3_config(sd: dict[str, torch.Tensor]) -> dict:
     """Qwen3 config dict read from the tensor shapes of a bare Qwen3Model state dict."""
     needed = [
@@ -143,7 +128,8 @@ def infer_qwen3_config(sd: dict[str, torch.Tensor]) -> dict:
     ]
     missing = [k for k in needed if k not in sd]
     if missing:
-        raise ValueError(f"cannot infer the Qwen3 config: missing {missing}; pass the result of te_state_dict_from(sd)")
+        raise ValueError(f"cannot infer the Qwen3 config: missing {missing}; pass bare Qwen3Model keys "
+                         f"(hdm_core.layout.text_encoder_part)")
     vocab_size, hidden_size = sd["embed_tokens.weight"].shape
     head_dim = sd["layers.0.self_attn.q_norm.weight"].shape[0]
     layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
@@ -166,17 +152,15 @@ def load_qwen3(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Qwen3Model:
-    """Qwen3Model holding the weights of `sd` (any accepted layout), built on meta so nothing is allocated twice."""
-    sd = te_state_dict_from(sd)
+    """Qwen3Model holding the weights of a bare Qwen3Model state dict, built on meta so nothing is allocated twice."""
     config = config or infer_qwen3_config(sd)
     ref = sd["embed_tokens.weight"]
-    dtype = dtype or ref.dtype
     device = torch.device(device) if device is not None else ref.device
-    model = build_qwen3(config, dtype=dtype, device="meta")
-    assign_weights(model, sd, dtype=dtype, device=device,
-                   what=f"Qwen3 state dict does not match config {config} (is the checkpoint a Qwen3 text encoder?)")
+    model = build_with_weights(lambda: build_qwen3(config, dtype=dtype or ref.dtype, device="meta"), sd,
+                               dtype=dtype or ref.dtype, device=device,
+                               what=f"Qwen3 state dict does not match config {config} (is it a Qwen3 text encoder?)")
     _reset_rotary(model, device)
-    return model.eval().requires_grad_(False)
+    return model.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,11 +180,12 @@ class TextEncoder(torch.nn.Module):
     def from_state_dict(
         cls,
         sd: dict[str, torch.Tensor],
+        config: dict | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> TextEncoder:
-        """Build from a checkpoint state dict (single-file, causal-LM or bare Qwen3Model layout)."""
-        return cls(load_qwen3(sd, dtype=dtype, device=device))
+        """Build from bare Qwen3Model weights (`hdm_core.layout.text_encoder_part` finds them in any file)."""
+        return cls(load_qwen3(sd, config, dtype=dtype, device=device))
 
     @property
     def hidden_size(self) -> int:

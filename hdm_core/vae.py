@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .weights import assign_weights
+from .weights import build_with_weights
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -38,33 +38,18 @@ SDXL_VAE_CONFIG = dict(
     mid_block_add_attention=True,
 )
 
-VAE_PREFIX = "vae."  # official single-file checkpoint
-LDM_VAE_PREFIX = "first_stage_model."  # original-SD checkpoints; accepted only when the keys are diffusers-named
 AUTO_TILE_PIXELS = 2048 * 2048  # decode() tiles automatically above this many output pixels
 AUTO_TILE_SIZE = 1024  # pixel tile size used by automatic tiling
-_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# Seeded random VAEs for tests, demos and benchmarks: AutoencoderKL overrides of SDXL_VAE_CONFIG.
+VAE_PRESETS: dict[str, dict] = {
+    "sdxl": {},
+    "tiny": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),  # 8x downscale, 4 channels
+}
 
 
 # --------------------------------------------------------------------------------------------------------
 # State dicts and config
 # --------------------------------------------------------------------------------------------------------
-
-
-def vae_state_dict_from(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bare diffusers AutoencoderKL keys from a single-file checkpoint ("vae."), "first_stage_model." or bare dict."""
-    prefix = next((p for p in (VAE_PREFIX, LDM_VAE_PREFIX) if any(k.startswith(p) for k in sd)), "")
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):].startswith(_VAE_ROOTS)}
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in out):
-        raise ValueError(
-            f"VAE keys under '{prefix}' use the original LDM naming (e.g. 'encoder.down.0.block.0...'), which is not "
-            "supported here; convert the VAE to diffusers naming (encoder.down_blocks.*) or use the EQ-SDXL-VAE file"
-        )
-    if "decoder.conv_in.weight" not in out:
-        raise ValueError(
-            f"no diffusers VAE keys found (looked for '{VAE_PREFIX}decoder.conv_in.weight' and bare "
-            f"'decoder.conv_in.weight'); first keys are {list(sd)[:5]}; pass a checkpoint that contains the VAE"
-        )
-    return out
 
 
 def infer_vae_config(sd: dict[str, torch.Tensor], norm_num_groups: int = 32) -> dict:
@@ -102,7 +87,7 @@ def build_autoencoder(config: dict | None = None, *, device: torch.device | str 
         return AutoencoderKL(**config)
 
 
-def _stats(value: torch.Tensor | None, default: tuple[float, ...], name: str, channels: int) -> torch.Tensor:
+def channel_stats(value: torch.Tensor | None, default: tuple[float, ...], name: str, channels: int = 4) -> torch.Tensor:
     """Per-channel statistic as a float32 [1, C, 1, 1] tensor, validated against the latent channel count."""
     t = torch.tensor(default) if value is None else value.detach().float().cpu()
     if t.numel() != channels:
@@ -124,27 +109,33 @@ class LatentVAE(torch.nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         c = self.latent_channels
-        self.register_buffer("mean", _stats(mean, EQVAE_MEAN, "vae_mean", c).to(self._device))
-        self.register_buffer("std", _stats(std, EQVAE_STD, "vae_std", c).to(self._device))
+        self.register_buffer("mean", channel_stats(mean, EQVAE_MEAN, "vae_mean", c).to(self._device))
+        self.register_buffer("std", channel_stats(std, EQVAE_STD, "vae_std", c).to(self._device))
 
     @classmethod
     def from_state_dict(
         cls,
         sd: dict[str, torch.Tensor],
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        *,
         config: dict | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> LatentVAE:
-        """Build from a checkpoint state dict; `config` overrides the config inferred from the key shapes."""
-        vae_sd = vae_state_dict_from(sd)
+        """Build from bare diffusers AutoencoderKL weights (`hdm_core.layout.vae_part` finds them in any file);
+        `config` overrides the config inferred from the shapes."""
+        if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in sd):
+            raise ValueError(
+                "the VAE keys use the original LDM naming (e.g. 'encoder.down.0.block.0...'), which is not supported "
+                "here; convert the VAE to diffusers naming (encoder.down_blocks.*) or use the EQ-SDXL-VAE file")
         config = config or {}
-        full = {**infer_vae_config(vae_sd, config.get("norm_num_groups", 32)), **config}
-        ref = vae_sd["decoder.conv_in.weight"]
-        dtype = dtype or ref.dtype
-        device = torch.device(device) if device is not None else ref.device
-        vae = assign_weights(build_autoencoder(full, device="meta"), vae_sd, dtype=dtype, device=device,
-                             what=f"VAE state dict does not match config {full} (pass the right config)")
-        return cls(vae, sd.get("vae_mean"), sd.get("vae_std"))
+        full = {**infer_vae_config(sd, config.get("norm_num_groups", 32)), **config}
+        ref = sd["decoder.conv_in.weight"]
+        vae = build_with_weights(lambda: build_autoencoder(full, device="meta"), sd, dtype=dtype or ref.dtype,
+                                 device=torch.device(device) if device is not None else ref.device,
+                                 what=f"VAE state dict does not match config {full} (pass the right config)")
+        return cls(vae, mean, std)
 
     @property
     def _device(self) -> torch.device:

@@ -1,10 +1,12 @@
 """HDM node pack (classic V1 node API). Node ids are permanent: HDMLoader, HDMCameraParam and HDMTreadGamma keep
-the ids, inputs and widget order of the official HDM-ext pack, so workflows shared for it run unchanged."""
+the ids, inputs and widget order of the official HDM-ext pack, so workflows shared for it run unchanged.
 
-import sys
-
-if "comfy.model_management" in sys.modules:  # inside ComfyUI: fail at startup (IMPORT FAILED), not on first use
-    from . import comfy_model  # noqa: F401
+Two kinds of file:
+* node files (loaders, conditioning, latent, sampling): the node classes; they import without ComfyUI (tests use
+  them so), importing ComfyUI and the glue inside the methods that run in ComfyUI;
+* glue (model: latent formats and model classes, text_encoder: the Qwen3 CLIP classes, loading: files to
+  MODEL / CLIP / VAE): imports ComfyUI at the top, never imported by a node file at module level.
+"""
 
 from .conditioning import HDMCameraParam, HDMCameraSweep, HDMTextEncode, HDMTreadGamma
 from .latent import HDMEmptyLatent

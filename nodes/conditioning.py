@@ -1,5 +1,5 @@
 """Text encoding, camera and TREAD-gamma nodes. They only copy conditioning and set keys; the keys become model
-inputs in comfy_model.HDMModel.extra_conds (x_shift / y_shift / zoom → camera map, tread_gamma → routing rate)."""
+inputs in model.HDMModel.extra_conds (x_shift / y_shift / zoom → camera map, tread_gamma → routing rate)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 
 import torch
 
+CAMERA_KEYS = ("x_shift", "y_shift", "zoom")
+CAMERA_DEFAULTS = {"x_shift": 0.0, "y_shift": 0.0, "zoom": 1.0}  # the identity camera
 SHIFT = {"min": -5.0, "max": 5.0, "step": 0.01, "display": "slider"}
 ZOOM = {"min": 0.2, "max": 5.0, "step": 0.01, "display": "slider"}
 GAMMA = {"min": 0.0, "max": 1.0, "step": 0.01, "display": "slider"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..hdm_core.config import latent_size
+
 RESOLUTIONS = {
     "1024x1024 (1:1)": (1024, 1024),
     "1152x896 (9:7)": (1152, 896),
@@ -20,16 +22,7 @@ RESOLUTIONS = {
     "640x1536 (9:21)": (640, 1536),
 }
 CUSTOM = "custom (width x height below)"
-MULTIPLE = 16  # VAE factor 8 × patch size 2
-
-
-def latent_shape(width: int, height: int, batch_size: int, channels: int = 4, downscale: int = 8) -> list[int]:
-    """[B, C, h, w] for a pixel size; raises with a fix when the size is unusable."""
-    if width % MULTIPLE or height % MULTIPLE or width < MULTIPLE or height < MULTIPLE:
-        fix = (max(MULTIPLE, round(width / MULTIPLE) * MULTIPLE), max(MULTIPLE, round(height / MULTIPLE) * MULTIPLE))
-        raise ValueError(f"{width}x{height} is not a multiple of {MULTIPLE} px (HDM needs latent sides divisible by "
-                         f"its patch size 2); use e.g. {fix[0]}x{fix[1]}")
-    return [batch_size, channels, height // downscale, width // downscale]
+PATCH_SIZE = 2  # of every released XUT; a pixel side must be a multiple of VAE factor × patch size
 
 
 class HDMEmptyLatent:
@@ -61,5 +54,5 @@ class HDMEmptyLatent:
         channels, downscale = 4, 8
         if vae is not None:
             channels, downscale = vae.latent_channels, vae.spacial_compression_encode()
-        shape = latent_shape(width, height, batch_size, channels, downscale)
-        return {"samples": torch.zeros(shape)}, width, height
+        lat_h, lat_w = latent_size(width, height, downscale=downscale, patch=PATCH_SIZE)
+        return {"samples": torch.zeros(batch_size, channels, lat_h, lat_w)}, width, height

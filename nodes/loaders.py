@@ -1,12 +1,7 @@
-"""Loader nodes: the released single file (HDM-ext compatible id and widget) and split files."""
+"""Loader nodes: the released single file (HDM-ext compatible id and widget) and split files. The work is in
+`loading.py`, imported inside each method (node files import without ComfyUI)."""
 
 from __future__ import annotations
-
-
-def _glue():
-    from . import comfy_model  # imported lazily: this module must import without ComfyUI (tests)
-
-    return comfy_model
 
 
 class HDMLoader:
@@ -23,15 +18,21 @@ class HDMLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": (_glue().list_files("checkpoints"),
+        from . import loading
+
+        return {"required": {"ckpt_name": (loading.list_files("checkpoints"),
                                            {"tooltip": "The HDM checkpoint in models/checkpoints."})}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, ckpt_name):
-        return _glue().missing_file_message("checkpoints", ckpt_name) or True
+        from . import loading
+
+        return loading.missing_file_message("checkpoints", ckpt_name) or True
 
     def load(self, ckpt_name):
-        return _glue().load_checkpoint(ckpt_name)
+        from . import loading
+
+        return loading.load_checkpoint(ckpt_name)
 
 
 class HDMSplitLoader:
@@ -44,21 +45,26 @@ class HDMSplitLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        glue = _glue()
+        from . import loading
+
         return {"required": {
-            "unet_name": (glue.list_files("diffusion_models"), {"tooltip": "XUT weights in models/diffusion_models."}),
-            "clip_name": (glue.list_files("text_encoders"), {"tooltip": "Qwen3-0.6B in models/text_encoders."}),
-            "vae_name": (glue.list_files("vae"), {"tooltip": "EQ-SDXL-VAE in models/vae."}),
-            "weight_dtype": (["default", "fp16", "bf16", "fp32"],
+            "unet_name": (loading.list_files("diffusion_models"),
+                          {"tooltip": "XUT weights in models/diffusion_models."}),
+            "clip_name": (loading.list_files("text_encoders"), {"tooltip": "Qwen3-0.6B in models/text_encoders."}),
+            "vae_name": (loading.list_files("vae"), {"tooltip": "EQ-SDXL-VAE in models/vae."}),
+            "weight_dtype": (loading.WEIGHT_DTYPES,
                              {"tooltip": "Diffusion-model weight dtype; default lets ComfyUI choose for the device."}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, unet_name, clip_name, vae_name):
-        glue = _glue()
-        errors = [glue.missing_file_message(kind, name) for kind, name in
+        from . import loading
+
+        errors = [loading.missing_file_message(kind, name) for kind, name in
                   (("diffusion_models", unet_name), ("text_encoders", clip_name), ("vae", vae_name))]
         return " ".join(e for e in errors if e) or True
 
     def load(self, unet_name, clip_name, vae_name, weight_dtype="default"):
-        return _glue().load_split(unet_name, clip_name, vae_name, weight_dtype)
+        from . import loading
+
+        return loading.load_split(unet_name, clip_name, vae_name, weight_dtype)

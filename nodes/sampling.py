@@ -1,9 +1,70 @@
 """HDM Sampler: the official uniform flow schedule and HDM's samplers, run through ComfyUI's sampling machinery
-(progress bar, live previews, interruption, memory management)."""
+(progress bar, live previews, interruption, memory management).
+
+Like every node file, this one imports without ComfyUI: ComfyUI modules and the glue that needs them are
+imported inside the functions that run in ComfyUI.
+"""
 
 from __future__ import annotations
 
-SAMPLER_NAMES = ["euler", "heun", "dpmpp_2m"]  # keys of hdm_core.sampling.SAMPLERS; "euler" is the official one
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..hdm_core.pipeline import seeded_noise
+from ..hdm_core.sampling import SAMPLERS, flow_sigmas
+from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
+
+
+def as_ksampler(fn: Callable[..., torch.Tensor]) -> Any:
+    """An hdm_core sampler as a ComfyUI KSAMPLER object."""
+    import comfy.samplers
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback)
+    return comfy.samplers.KSAMPLER(sample)
+
+
+def with_default_camera(conditioning: list) -> list:
+    """The official pipeline always passes a camera map (identity by default): add it where none is set."""
+    return [[t, d if any(k in d for k in CAMERA_KEYS) else {**d, **CAMERA_DEFAULTS}] for t, d in conditioning]
+
+
+def batch_noise(latent: dict, samples: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noise where sample i uses seed + batch_index[i] (hdm_core's convention), so a frame does not depend on
+    its batch; a latent whose batch_index repeats (camera sweep) gets the same noise for every frame."""
+    indices = latent.get("batch_index") or list(range(samples.shape[0]))
+    shape = (1, *samples.shape[1:])
+    return torch.cat([seeded_noise(shape, (seed + int(i)) % 2**64) for i in indices]).to(samples.dtype)
+
+
+def hdm_sample(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
+               shift: float, denoise: float) -> dict:
+    """HDM Sampler: official (optionally shifted) uniform schedule and an hdm_core sampler, run by ComfyUI."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    from .model import HDMModel
+
+    if not isinstance(model.model, HDMModel):
+        raise ValueError(f"HDM Sampler needs an HDM MODEL (from HDM Checkpoint Loader / HDM Split Loader), got "
+                         f"{type(model.model).__name__}; use KSampler for other models")
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    out = dict(latent)
+    if denoise <= 0.0:  # nothing to denoise
+        out["samples"] = samples
+        return out
+    sigmas = flow_sigmas(steps, shift, denoise)  # img2img: the last `steps` steps of a steps/denoise schedule
+    noise = batch_noise(latent, samples, seed)
+    torch.manual_seed(seed)  # TREAD routing draws from the global RNG, as with KSampler
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    out["samples"] = comfy.sample.sample_custom(
+        model, noise, cfg, as_ksampler(SAMPLERS[sampler_name]), sigmas, with_default_camera(positive),
+        with_default_camera(negative), samples, noise_mask=latent.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return out
 
 
 class HDMSampler:
@@ -24,9 +85,11 @@ class HDMSampler:
             "latent_image": ("LATENT", {"tooltip": "Empty latent (text-to-image) or an encoded image (img2img)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Sample i of the batch uses seed + i."}),
-            "steps": ("INT", {"default": 32, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (SAMPLER_NAMES, {"default": "euler"}),
+            "steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Sampling steps (official: 32)."}),
+            "cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (official: 3.0); 1 = no guidance."}),
+            "sampler_name": (list(SAMPLERS), {"default": "euler",
+                                               "tooltip": "euler reproduces the official pipeline."}),
             "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.05,
                                 "tooltip": "Schedule shift σ = s·t / (1 + (s − 1)·t); 1 = the official schedule."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -34,7 +97,5 @@ class HDMSampler:
         }}
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, shift, denoise):
-        from . import comfy_model
-
-        return (comfy_model.hdm_sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
-                                       shift, denoise),)
+        return (hdm_sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, shift,
+                           denoise),)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from hdm_core import XUT
 from hdm_core.checkpoint import (
     CONFIG_METADATA_KEY,
     CheckpointError,
@@ -17,6 +18,7 @@ from hdm_core.checkpoint import (
     save_single_file,
     save_xut,
 )
+from hdm_core.layout import find_xut, split_checkpoint
 from hdm_core.text_encoder import TextEncoder
 
 
@@ -34,7 +36,7 @@ def test_single_file_round_trip(tiny_checkpoint, tiny_parts):
     reference_te = TextEncoder.from_state_dict(tiny_parts["te"])
     assert torch.allclose(comps.text_encoder.encode("a red circle")[0], reference_te.encode("a red circle")[0],
                           atol=1e-5)
-    assert comps.vae is not None and comps.vae.downscale_factor == 2
+    assert comps.vae is not None and comps.vae.downscale_factor == 8
     assert not list(tiny_checkpoint.parent.glob("*.tmp"))
 
 
@@ -141,3 +143,40 @@ def test_vae_normalisation_read_from_the_file(tiny_parts, tmp_path):
                      vae_std=std)
     vae = load_components(path).vae
     assert torch.equal(vae.mean.flatten(), mean) and torch.equal(vae.std.flatten(), std)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layout reader (hdm_core.layout), shared with the ComfyUI loaders
+# ---------------------------------------------------------------------------------------------------
+
+def test_split_checkpoint_returns_every_part(tiny_checkpoint, tiny_parts):
+    parts = split_checkpoint(load_file(tiny_checkpoint), {CONFIG_METADATA_KEY: json.dumps(
+        tiny_parts["config"].to_dict())})
+    assert parts.xut_config == tiny_parts["config"] and not parts.pixel_space
+    assert all(torch.equal(parts.xut[k], v) for k, v in tiny_parts["unet"].items()) and parts.xut.keys() == \
+        tiny_parts["unet"].keys()
+    assert parts.text_encoder.keys() == tiny_parts["te"].keys()
+    assert parts.text_encoder_config["hidden_size"] == tiny_parts["config"].ctx_dim
+    assert parts.vae.keys() == tiny_parts["vae"].keys()
+    assert parts.vae_mean.numel() == parts.vae_std.numel() == 4
+
+
+def test_split_checkpoint_reads_comfyui_saved_prefixes(tiny_parts):
+    """A file saved by ComfyUI's own CheckpointSave for another model family uses these prefixes."""
+    sd = {f"model.diffusion_model.{k}": v for k, v in tiny_parts["unet"].items()}
+    sd.update({f"text_encoders.qwen3_06b.transformer.model.{k}": v for k, v in tiny_parts["te"].items()})
+    sd["text_encoders.qwen3_06b.transformer.lm_head.weight"] = tiny_parts["te"]["embed_tokens.weight"]
+    parts = split_checkpoint(sd)
+    assert find_xut(sd) == "model.diffusion_model." and parts.xut.keys() == tiny_parts["unet"].keys()
+    assert parts.text_encoder.keys() == tiny_parts["te"].keys()  # lm_head dropped
+    assert parts.vae is None and not parts.pixel_space
+
+
+def test_pixel_space_is_marked_or_implied(tiny_parts):
+    pixel_config = tiny_parts["config"].replace(input_dim=3)
+    with torch.device("meta"):
+        sd = {f"unet.model.{k}": v for k, v in XUT(pixel_config).state_dict().items()}
+    assert split_checkpoint(sd).pixel_space  # 3 input channels and no VAE
+    assert split_checkpoint({**sd, "vae.pixel_space_vae": torch.tensor(1.0)}).pixel_space
+    four = {f"unet.model.{k}": v for k, v in tiny_parts["unet"].items()}
+    assert not split_checkpoint(four).pixel_space

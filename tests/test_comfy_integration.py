@@ -64,10 +64,9 @@ def comfy_paths() -> tuple[Path, str]:
 
 def tiny_configs():
     from hdm_core.config import PRESETS
+    from hdm_core.text_encoder import QWEN3_PRESETS
 
-    qwen = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16)
-    return PRESETS["xut-tiny"].replace(ctx_dim=qwen["hidden_size"]), qwen
+    return PRESETS["xut-tiny"], QWEN3_PRESETS["tiny"]  # the tiny Qwen3's width is xut-tiny's ctx_dim
 
 
 def make_models(root: Path) -> dict[str, Path]:
@@ -277,8 +276,9 @@ def server(models, tmp_path_factory):
     comfy, python = comfy_paths()
     srv = Server(comfy, python, tmp_path_factory.mktemp("base"), models["checkpoints"].parent)
     try:
-        log = srv.log.read_text()
-        assert "IMPORT FAILED" not in log, log[-3000:]
+        log = srv.log.read_text()  # built-in audio nodes may fail without torchaudio; our pack must not
+        failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and "custom_nodes" in line]
+        assert not failed, log[-3000:]
         yield srv
     finally:
         srv.stop()
@@ -418,6 +418,8 @@ def test_ksampler_path_matches_official_up_to_schedule(server, reference, models
     err_q, err_o = (got - quantised).abs().max().item(), (got - official).abs().max().item()
     print(f"KSampler vs hdm_core: quantised schedule {err_q:.2e}, official schedule {err_o:.2e}")
     assert err_q <= 1e-4
+    # KSampler really runs the quantised schedule: against the official one the error is far larger.
+    assert err_o > 100 * err_q
     # Sensitivity: had ComfyUI repeated the shorter context (CONDCrossAttn), the result would be far off.
     assert reference.text_encoder.encode([POS])[0].shape[1] != reference.text_encoder.encode([NEG])[0].shape[1]
 
@@ -468,7 +470,7 @@ def test_split_loader_matches_single_file(server):
 
 
 @pytest.mark.parametrize("ckpt, expected", [
-    ("sdxl_like.safetensors", "is not an HDM model: it looks like SDXL"),
+    ("sdxl_like.safetensors", "is not an HDM/XUT checkpoint: it looks like SDXL"),
     ("hdm_no_te.safetensors", "no text-encoder weights"),
 ])
 def test_loader_errors_are_clear(server, ckpt, expected):

@@ -1,4 +1,6 @@
-"""The dependency rule: hdm_core and training never import ComfyUI; hdm_core imports nothing of ours but itself."""
+"""The dependency rule: nodes → hdm_core, training → hdm_core, nothing else between our packages. hdm_core and
+training never import ComfyUI; hdm_core imports nothing of ours but itself; nodes and training never import each
+other."""
 
 from __future__ import annotations
 
@@ -31,9 +33,34 @@ def test_no_comfyui_imports(package):
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 
-def test_hdm_core_does_not_import_other_project_packages():
-    for path in sorted((REPO / "hdm_core").rglob("*.py")):
-        assert not imported_roots(path) & {"training", "nodes", "tests"}, path
+def project_imports(path: Path) -> set[str]:
+    """Our top-level packages that `path` imports, absolutely or relatively (`from ..hdm_core import x`)."""
+    package = path.relative_to(REPO).parts[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.add(package)
+            elif node.level == 2:  # from the repository root package: ..hdm_core, ..training
+                found.add((node.module or "").split(".")[0] or {a.name for a in node.names}.pop())
+    return found & PROJECT_PACKAGES
+
+
+PROJECT_PACKAGES = {"hdm_core", "nodes", "training", "demo", "bench", "tests"}
+ALLOWED = {"hdm_core": {"hdm_core"}, "nodes": {"nodes", "hdm_core"}, "training": {"training", "hdm_core"}}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_project_packages_import_only_what_the_rule_allows(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files
+    for path in files:
+        extra = project_imports(path) - ALLOWED[package]
+        assert not extra, f"{path.relative_to(REPO)} imports {extra}"
 
 
 def test_root_package_imports_without_comfyui():

@@ -1,6 +1,6 @@
 """Node logic without ComfyUI: ids and widgets (HDM-ext compatibility), inputs → outputs, no mutation of inputs,
 validation. The pack is imported the way ComfyUI imports it (as a package under a path-derived name), and the
-ComfyUI glue (nodes/comfy_model.py) is replaced by a fake module where a node delegates to it."""
+ComfyUI glue (nodes/loading.py, and hdm_sample in nodes/sampling.py) is replaced by fakes where a node delegates."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = "hdm_pack_under_test"
+GLUE_FILES = {"model.py", "text_encoder.py", "loading.py"}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,9 @@ def pack():
 
 @pytest.fixture
 def glue(pack, monkeypatch):
-    """A fake nodes/comfy_model.py recording calls."""
-    fake = types.ModuleType(f"{PKG}.nodes.comfy_model")
+    """A fake nodes/loading.py (and nodes.sampling.hdm_sample) recording calls."""
+    fake = types.ModuleType(f"{PKG}.nodes.loading")
+    fake.WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16"]
     fake.calls = []
     fake.list_files = lambda kind: {"checkpoints": ["hdm-xut-340M-1024px-note.safetensors"]}.get(kind, [f"{kind}.st"])
     fake.missing_file_message = lambda kind, name: None if name.endswith((".safetensors", ".st")) else f"{name} missing"
@@ -47,9 +49,9 @@ def glue(pack, monkeypatch):
 
     fake.load_checkpoint = record("load_checkpoint", ("MODEL", "CLIP", "VAE"))
     fake.load_split = record("load_split", ("MODEL", "CLIP", "VAE"))
-    fake.hdm_sample = record("hdm_sample", {"samples": torch.ones(1)})
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    monkeypatch.setattr(pack, "comfy_model", fake, raising=False)
+    monkeypatch.setattr(pack, "loading", fake, raising=False)
+    monkeypatch.setattr(pack.sampling, "hdm_sample", record("hdm_sample", {"samples": torch.ones(1)}))
     return fake
 
 
@@ -215,17 +217,39 @@ def test_sampler_delegates(pack, glue):
     assert glue.calls[-1][1] == ("m", "p", "n", {"samples": 0}, 1, 2, 3.0, "heun", 1.5, 0.5)
 
 
+def test_sampler_noise_follows_batch_index_and_camera_defaults_to_identity(pack):
+    """HDM Sampler's own logic: sample i is seeded with seed + batch_index[i] (so a camera sweep, whose batch_index
+    repeats, shares one noise), and a conditioning without a camera gets the identity camera, like the official
+    pipeline; one with a camera keeps it. Inputs are never modified."""
+    from hdm_core.pipeline import seeded_noise
+
+    samples = torch.zeros(3, 4, 6, 8)
+    torch.testing.assert_close(pack.sampling.batch_noise({"samples": samples}, samples, 10),
+                               seeded_noise((3, 4, 6, 8), 10), rtol=0, atol=0)
+    swept = pack.sampling.batch_noise({"samples": samples, "batch_index": [5, 5, 5]}, samples, 10)
+    assert all(torch.equal(frame, seeded_noise((1, 4, 6, 8), 15)[0]) for frame in swept)
+    plain, moved = conditioning(), conditioning(x_shift=0.3)
+    before = copy.deepcopy([plain[0][1], moved[0][1]])
+    out = pack.sampling.with_default_camera(plain + moved)
+    assert out[0][1] == {**plain[0][1], "x_shift": 0.0, "y_shift": 0.0, "zoom": 1.0}
+    assert out[1][1] == moved[0][1] and out[0][0] is plain[0][0]
+    assert [plain[0][1], moved[0][1]] == before
+
+
 def test_node_modules_do_not_import_comfyui():
-    """Only nodes/comfy_model.py touches ComfyUI; every other node module imports without it."""
+    """Node files import without ComfyUI: at module level they import neither ComfyUI nor the glue files (which
+    import ComfyUI at the top); they do so inside the functions that run in ComfyUI."""
     import ast
 
     comfy = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "node_helpers", "server", "latent_preview",
              "execution"}
+    glue = {name.removesuffix(".py") for name in GLUE_FILES}
     for path in sorted((REPO / "nodes").glob("*.py")):
-        if path.name == "comfy_model.py":
+        if path.name in GLUE_FILES:
             continue
-        tree = ast.parse(path.read_text())
-        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
-                  if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
+        top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        roots = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.level == 0}
+        ours = {n.module or a.name for n in top if isinstance(n, ast.ImportFrom) and n.level == 1 for a in n.names}
         assert not roots & comfy, f"{path.name} imports {roots & comfy}"
+        assert not ours & glue, f"{path.name} imports the glue {ours & glue} at module level"

@@ -10,20 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hdm_core.layout import CheckpointError, text_encoder_part
 from hdm_core.text_encoder import (
     PAD_TOKEN_ID,
     QWEN3_06B,
+    QWEN3_PRESETS,
     TextEncoder,
     build_qwen3,
     infer_qwen3_config,
     load_qwen3,
     load_tokenizer,
-    te_state_dict_from,
     tokenize,
 )
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            intermediate_size=64)  # full 151936 vocab so real token ids work
+TINY = QWEN3_PRESETS["tiny"]  # full 151936 vocab so real token ids work
 PROMPTS = ["1girl, solo, masterpiece, newest", "a photo of a dog", ""]
 
 
@@ -107,17 +107,21 @@ def test_every_layout_loads_identically(layout, tiny_sd, tiny_encoder, tokenizer
         sd = dict(tiny_sd)
     save_file(sd, tmp_path / "te.safetensors")
     loaded = load_file(tmp_path / "te.safetensors")
-    assert te_state_dict_from(loaded).keys() == tiny_sd.keys()
+    bare, config = text_encoder_part(loaded)
+    assert bare.keys() == tiny_sd.keys() and config == infer_qwen3_config(tiny_sd)
 
-    te = TextEncoder.from_state_dict(loaded)
+    te = TextEncoder.from_state_dict(bare, config)
     te.tokenizer = tokenizer
     for got, want in zip(te.encode(PROMPTS), tiny_encoder.encode(PROMPTS)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # kernels may differ by ulps
 
 
 def test_bad_state_dict_names_keys():
-    with pytest.raises(ValueError, match=r"first keys are \['foo.weight', 'bar.bias'\]"):
-        te_state_dict_from({"foo.weight": torch.zeros(1), "bar.bias": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"no text-encoder weights.*first keys: \['foo.weight', 'bar.bias'\]"):
+        text_encoder_part({"foo.weight": torch.zeros(1), "bar.bias": torch.zeros(1)})
+    incomplete = {k: v for k, v in build_qwen3(TINY, device="meta").state_dict().items() if "layers.1.mlp" not in k}
+    with pytest.raises(CheckpointError, match="incomplete: 3 missing tensors.*layers.1.mlp.gate_proj"):
+        text_encoder_part(incomplete)
     with pytest.raises(ValueError, match="unknown Qwen3 config keys"):
         build_qwen3({"hidden": 64}, device="meta")
 

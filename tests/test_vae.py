@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hdm_core.vae as vae_module
+from hdm_core.layout import CheckpointError, vae_part, vae_stats
 from hdm_core.vae import (
     EQVAE_MEAN,
     EQVAE_STD,
@@ -15,9 +16,9 @@ from hdm_core.vae import (
     PixelSpace,
     build_autoencoder,
     infer_vae_config,
-    vae_state_dict_from,
 )
 
+# Deliberately not the "tiny" preset: 16 channels cannot hold the default 32 norm groups (see below).
 TINY = dict(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
             up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32)
 
@@ -60,7 +61,8 @@ def test_normalize_round_trip_and_eqvae_defaults(tiny_vae):
 
 def test_mean_std_read_from_checkpoint(tiny_sd):
     mean, std = torch.tensor([1.0, 2, 3, 4]).view(1, 4, 1, 1), torch.tensor([2.0, 3, 4, 5]).view(1, 4, 1, 1)
-    vae = LatentVAE.from_state_dict({**tiny_sd, "vae_mean": mean, "vae_std": std}, config={"norm_num_groups": 8})
+    sd = {**tiny_sd, "vae_mean": mean, "vae_std": std}
+    vae = LatentVAE.from_state_dict(vae_part(sd), *vae_stats(sd), config={"norm_num_groups": 8})
     torch.testing.assert_close(vae.mean, mean)
     got = vae.normalize(torch.ones(1, 4, 2, 2))[0, :, 0, 0]
     torch.testing.assert_close(got, torch.tensor([0.0, -1 / 3, -0.5, -0.6]))
@@ -72,17 +74,19 @@ def test_prefixed_state_dict_loads(prefix, tiny_sd, tiny_vae, tmp_path):
     sd["unet.model.x.weight"] = torch.zeros(1)
     save_file(sd, tmp_path / "vae.safetensors")
     loaded = load_file(tmp_path / "vae.safetensors")
-    assert vae_state_dict_from(loaded).keys() == tiny_sd.keys()
-    vae = LatentVAE.from_state_dict(loaded, config={"norm_num_groups": 8})
+    assert vae_part(loaded).keys() == tiny_sd.keys()
+    vae = LatentVAE.from_state_dict(vae_part(loaded), config={"norm_num_groups": 8})
     z = torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(vae.decode(z), tiny_vae.decode(z), rtol=0, atol=1e-6)
 
 
 def test_bad_state_dicts_raise():
-    with pytest.raises(ValueError, match=r"first keys are \['foo.weight'\]"):
-        vae_state_dict_from({"foo.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"first keys are \['foo.weight'\]"):
+        vae_part({"foo.weight": torch.zeros(1)})
+    ldm = {f"first_stage_model.{k}": torch.zeros(1) for k in ("encoder.down.0.block.0.conv1.weight",
+                                                             "decoder.conv_in.weight")}
     with pytest.raises(ValueError, match="LDM naming"):
-        vae_state_dict_from({"first_stage_model.encoder.down.0.block.0.conv1.weight": torch.zeros(1)})
+        LatentVAE.from_state_dict(vae_part(ldm))
 
 
 def test_encode_decode_shapes_and_range(tiny_vae):

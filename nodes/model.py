@@ -1,0 +1,182 @@
+"""HDM as a native ComfyUI model (ComfyUI glue: imports ComfyUI at the top).
+
+* `HDMEQVAE` / `HDMPixelSpace`: latent formats (EQ-VAE mean/std normalisation with preview factors).
+* `HDMModelConfig` (a `supported_models_base.BASE`) and `HDMModel` (a `model_base.BaseModel`, model type FLOW,
+  multiplier 1.0, so the network gets t = σ): built-in KSampler, SamplerCustomAdvanced, ModelSamplingAuraFlow
+  and the model-merge nodes work on it unchanged.
+* The text context is a `CONDRegular`, not a `CONDCrossAttn`: ComfyUI never repeats a shorter cond/uncond
+  context into a longer one (HDM's text tokens join self-attention, SPEC §10); contexts of different lengths
+  simply run as separate model calls.
+"""
+
+from __future__ import annotations
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.supported_models_base
+import comfy.utils
+import torch
+
+from ..hdm_core.config import XUTConfig
+from ..hdm_core.layout import TE_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
+from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD, channel_stats
+from ..hdm_core.xut import XUT
+from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
+from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
+
+# ComfyUI reserves memory_usage_factor × (SD1.5's activation estimate) per latent pixel before sampling; 1.2
+# leaves headroom for XUT's concatenated text tokens and cross-attention skips at 1024².
+MEMORY_USAGE_FACTOR = 1.2
+
+# ---------------------------------------------------------------------------------------------------
+# Latent formats
+# ---------------------------------------------------------------------------------------------------
+
+# ComfyUI's SDXL preview factors act on 0.13025·z. EQ-SDXL-VAE is a fine-tune of the SDXL VAE, so we reuse
+# them, re-expressed for HDM's normalised latent x = (z − μ)/σ:  rgb = Σ_c f_c·0.13025·(σ_c·x_c + μ_c) + b.
+# An approximation (no EQ-VAE weights were available to fit factors by least squares); see docs/comfyui.md.
+_SDXL_SCALE = 0.13025
+_SDXL_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+             (-0.3165, -0.2492, -0.2188))
+_SDXL_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+
+
+def eqvae_preview_factors(mean, std) -> tuple[list[list[float]], list[float]]:
+    """Latent2RGB factors [4][3] and bias [3] for normalised EQ-VAE latents, derived from SDXL's."""
+    factors = [[f * _SDXL_SCALE * s for f in row] for row, s in zip(_SDXL_RGB, std)]
+    bias = [b + sum(_SDXL_SCALE * m * row[k] for row, m in zip(_SDXL_RGB, mean)) for k, b in enumerate(_SDXL_RGB_BIAS)]
+    return factors, bias
+
+
+class HDMEQVAE(comfy.latent_formats.LatentFormat):
+    """EQ-SDXL-VAE latents, normalised per channel: model space x = (z − mean) / std (SPEC §7)."""
+
+    latent_channels = 4
+
+    def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        """The file's latent statistics (`vae_mean` / `vae_std`); None: the EQ-SDXL-VAE ones."""
+        self.latents_mean = channel_stats(mean, EQVAE_MEAN, "vae_mean")
+        self.latents_std = channel_stats(std, EQVAE_STD, "vae_std")
+        self.latent_rgb_factors, self.latent_rgb_factors_bias = eqvae_preview_factors(
+            self.latents_mean.flatten().tolist(), self.latents_std.flatten().tolist())
+
+    def process_in(self, latent):
+        return (latent - self.latents_mean.to(latent)) / self.latents_std.to(latent)
+
+    def process_out(self, latent):
+        return latent * self.latents_std.to(latent) + self.latents_mean.to(latent)
+
+
+class HDMPixelSpace(comfy.latent_formats.LatentFormat):
+    """Pixel-space HDM models: the latent is the RGB image in [−1, 1]."""
+
+    latent_channels = 3
+
+    def __init__(self):
+        self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+    def process_in(self, latent):
+        return latent
+
+    def process_out(self, latent):
+        return latent
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diffusion model
+# ---------------------------------------------------------------------------------------------------
+
+class HDMDiffusionModel(XUT):
+    """XUT with ComfyUI's calling convention; same state-dict keys as the official model."""
+
+    def __init__(self, xut_config: dict, image_model: str = "hdm_xut", dtype=None, device=None, operations=None):
+        super().__init__(XUTConfig.from_dict(xut_config), ops=operations or torch.nn, dtype=dtype, device=device)
+        self.dtype = dtype  # read by BaseModel.get_dtype()
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, x_shift=None,
+                y_shift=None, zoom=None, tread_gamma=0.0, **kwargs):
+        if context is not None and context.shape[-1] != self.config.ctx_dim:
+            raise ValueError(
+                f"the conditioning has {context.shape[-1]} features per token but this HDM model expects "
+                f"{self.config.ctx_dim}: encode prompts with the CLIP output of an HDM loader")
+        b, _, height, width = x.shape
+        pos_map = None
+        if x_shift is not None:  # camera node present: latent-resolution camera map (SPEC §4.3)
+            pos = make_axial_pos(height, width, device=x.device)
+            pos_map = camera_pos(pos, x_shift.float().reshape(-1), y_shift.float().reshape(-1),
+                                 zoom.float().reshape(-1))                               # (B, H·W, 2)
+        aspect = torch.full((b,), aspect_info(height, width), device=x.device)
+        # HDM-ext / the official loop give the model t in its dtype (fp16: t is rounded before ×1000).
+        return super().forward(x, timesteps.to(x.dtype), context, pos_map=pos_map, aspect=aspect,
+                               tread_rate=float(tread_gamma) or None)
+
+
+class HDMModel(comfy.model_base.BaseModel):
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device,
+                         unet_model=HDMDiffusionModel)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:  # never repeat-padded against a context of another length
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        camera = camera_tensors(kwargs)
+        for name, value in (camera or {}).items():
+            out[name] = comfy.conds.CONDRegular(value)
+        # One TREAD rate per model call: conds with different gammas are never batched together.
+        out["tread_gamma"] = comfy.conds.CONDConstant(float(kwargs.get("tread_gamma") or 0.0))
+        return out
+
+
+def camera_tensors(cond: dict) -> dict[str, torch.Tensor] | None:
+    """x_shift / y_shift / zoom of a conditioning dict as float32 [F] tensors (None when no camera is set)."""
+    if not any(k in cond for k in CAMERA_KEYS):
+        return None
+    values = [torch.as_tensor(cond.get(k, CAMERA_DEFAULTS[k]), dtype=torch.float32).reshape(-1) for k in CAMERA_KEYS]
+    frames = max(v.numel() for v in values)
+    return {k: v.expand(frames) if v.numel() == 1 else v for k, v in zip(CAMERA_KEYS, values)}
+
+
+class HDMModelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"image_model": "hdm_xut"}
+    unet_extra_config = {}
+    sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+    latent_format = HDMEQVAE
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    memory_usage_factor = MEMORY_USAGE_FACTOR
+    vae_key_prefix = [VAE_PREFIX]
+    text_encoder_key_prefix = [TE_PREFIX]
+
+    def __init__(self, xut_config: XUTConfig, latent_format=None, te_config: dict | None = None):
+        super().__init__({"image_model": "hdm_xut", "xut_config": xut_config.to_dict()})
+        if latent_format is not None:
+            self.latent_format = latent_format
+        self.te_config = te_config
+
+    def model_type(self, state_dict, prefix=""):
+        return comfy.model_base.ModelType.FLOW
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return HDMModel(self, device=device)
+
+    def clip_target(self, state_dict=None):
+        if self.te_config is None:
+            return None
+        return comfy.supported_models_base.ClipTarget(tokenizer_class(self.te_config),
+                                                      text_encoder_class(self.te_config))
+
+    # CheckpointSave writes the released single-file layout, so HDM loaders read merged models back.
+    def process_unet_state_dict_for_saving(self, state_dict):
+        return comfy.utils.state_dict_prefix_replace(state_dict, {"": UNET_PREFIX})
+
+    def process_clip_state_dict_for_saving(self, state_dict):
+        return {TE_PREFIX + k[len(CLIP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CLIP_PREFIX)}
+
+    def process_vae_state_dict_for_saving(self, state_dict):
+        out = comfy.utils.state_dict_prefix_replace(state_dict, {"": VAE_PREFIX})
+        if isinstance(self.latent_format, HDMEQVAE):
+            out["vae_mean"], out["vae_std"] = self.latent_format.latents_mean, self.latent_format.latents_std
+        return out
