@@ -1,5 +1,5 @@
 """Training-step benchmark: samples/s, image tokens/s and model-FLOPs utilisation of the real training step
-(training.train.training_loss + backward + muP AdamW), each variant beside a plain baseline (fp32, eager, no
+(training.loss.training_loss + backward + muP AdamW), each variant beside a plain baseline (fp32, eager, no
 TREAD) measured in the same run, with ratios.
 
 GPU:  python bench/bench_train.py --device cuda          (XUT-base, 256², batch 32, online Qwen3-0.6B + SDXL VAE)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hdm_core import PRESETS, XUT  # noqa: E402
 from hdm_core.flops import xut_flops  # noqa: E402
 from hdm_core.tread import keep_count  # noqa: E402
-from training.data import crop_position_map  # noqa: E402
+from hdm_core.weights import DTYPES  # noqa: E402
+from training.data import Batch, crop_position_map  # noqa: E402
 from training.encoders import build_text_encoder, build_vae  # noqa: E402
+from training.loss import training_loss  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
-from training.recipe import recipe_from_dict  # noqa: E402
-from training.train import DTYPES, training_loss  # noqa: E402
+from training.recipe import ModelSection, OptimSection  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FP32 accumulate), FLOP/s, matched on the device name.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
@@ -59,15 +61,15 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return rate, f"{device.type}, measured fp32 matmul {rate / 1e9:.1f} GFLOP/s"
 
 
-def make_batch(batch: int, res: int, factor: int) -> dict:
+def make_batch(batch: int, res: int, factor: int) -> Batch:
     g = torch.Generator().manual_seed(0)
     captions = [", ".join(TAGS[j % len(TAGS)] for j in range(i, i + 30)) for i in range(batch)]
     pos = crop_position_map(res, res, 0, 0, res, res, factor)
-    return {"pixels": torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g),
-            "pos": pos.expand(batch, -1, -1).contiguous(), "aspect": torch.zeros(batch), "captions": captions}
+    return Batch(pixels=torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g),
+                 pos=pos.expand(batch, -1, -1).contiguous(), aspect=torch.zeros(batch), captions=captions)
 
 
-def bench_variant(cfg, te, vae, batch: dict, device: torch.device, precision: str, tread: float, compile_: bool,
+def bench_variant(cfg, te, vae, batch: Batch, device: torch.device, precision: str, tread: float, compile_: bool,
                   cached: bool, max_length: int, steps: int, warmup: int, grad_ckpt: bool) -> float:
     """Seconds per training step (median of `steps` after `warmup`)."""
     torch.manual_seed(0)
@@ -75,24 +77,25 @@ def bench_variant(cfg, te, vae, batch: dict, device: torch.device, precision: st
     model.init_for_training()
     model.gradient_checkpointing = grad_ckpt
     model.train()
-    recipe = recipe_from_dict({"model": {"tread_rate": tread, "max_length": max_length}})
-    opt, sched = build_optimizer(model, 0.5, (0.9, 0.98), 1e-8, 0.02, 1, 0, 1000, 0.01)
+    section = ModelSection(tread_rate=tread, max_length=max_length)
+    opt, sched = build_optimizer(model, OptimSection(warmup_steps=0), 1000)  # lr 0.5, betas (0.9, 0.98), wd 0.02
     step_model = torch.compile(model) if compile_ else model
     autocast = lambda: torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")  # noqa: E731
+    batch = batch.to(device)
     if cached:  # encoders out of the loop: what a latent + text cache would feed
         gen = torch.Generator(device).manual_seed(0)
         with torch.no_grad():
-            x0 = vae.encode(batch["pixels"].to(device).float() / 127.5 - 1, generator=gen).float()
-            ctx = te.encode_padded(batch["captions"], max_length=max_length).float()
+            x0 = vae.encode(batch.pixels.float() / 127.5 - 1, generator=gen).float()
+            ctx = te.encode_padded(batch.captions, max_length=max_length).float()
         std = torch.zeros_like(x0)
         x0 = vae.denormalize(x0)  # training_loss normalises the cached posterior again
-        batch = dict(batch, latent_mean=x0, latent_std=std, ctx=ctx)
+        batch = dataclasses.replace(batch, latent_mean=x0, latent_std=std, ctx=ctx)
     times = []
     for i in range(warmup + steps):
         sync(device)
         start = time.perf_counter()
         gen = torch.Generator(device).manual_seed(i)
-        loss = training_loss(step_model, batch, te, vae, recipe, gen, device, autocast)
+        loss = training_loss(step_model, batch, te, vae, section, gen, autocast)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapes import COLOURS, SHAPES
+from training.toy_data import COLOURS, SHAPES
 
 MIN_SATURATION = 0.25   # max(rgb) - min(rgb); the background is near grey (≈ 0.02), every palette colour > 0.5
 MIN_AREA = 0.01         # fewer foreground pixels than this fraction of the frame: "no shape"

@@ -25,9 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from hdm_core.checkpoint import load_components
+from hdm_core.pipeline import GenerationParams, generate, image_grid, to_pil
+from hdm_core.rope import make_axial_pos
+from hdm_core.xut import XUT
+from training.recipe import load_recipe
+from training.toy_data import make_dataset, parse_caption, prompts
+from training.train import model_config
 
 from .measure import chance_level, measure
-from .shapes import make_dataset, parse_caption, prompts
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE / "recipe.toml"
@@ -39,6 +47,7 @@ ZOOMS = (0.75, 0.87, 1.0, 1.15, 1.33)
 CAMERA_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square")
 SAMPLE = dict(steps=20, cfg=3.0, sampler="euler")
 DEFAULT_TRAIN_MINUTES = 6.5     # cap on the recipe's step count when neither --steps nor --minutes is given
+SHEET_GREY = (220, 220, 220)    # background of the picture sheets
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,10 +67,6 @@ def launcher_command(data: Path, runs: Path, steps: int | None, recipe: Path = R
 def estimate_step_seconds(recipe: Path = RECIPE, overrides: list[str] | None = None, trials: int = 6) -> float:
     """Seconds per optimizer step of the recipe's model and batch on this machine, now (forward, backward, AdamW),
     plus a margin for data loading and the text encoder."""
-    from hdm_core.rope import make_axial_pos
-    from hdm_core.xut import XUT
-    from training.recipe import load_recipe
-    from training.train import model_config
 
     r = load_recipe(recipe, overrides or [])
     cfg = model_config(r, None)
@@ -109,8 +114,6 @@ def train(data: Path, runs: Path, steps: int | None, recipe: Path = RECIPE, extr
 def generate_one(components: Any, prompt: str, seed: int, *, x_shift: float = 0.0, zoom: float = 1.0,
                  size: int = SIZE, **sample: Any) -> torch.Tensor:
     """One image [3, H, W] in [0, 1] through the public pipeline (camera map always passed)."""
-    from hdm_core.pipeline import GenerationParams, generate
-
     params = GenerationParams(prompt, width=size, height=size, seed=seed, x_shift=x_shift, zoom=zoom,
                               **{**SAMPLE, **sample})
     return generate(components, params)[0]
@@ -160,10 +163,6 @@ def camera_figures(components: Any, prompt_list: list[str], seeds: list[int], **
 # ---------------------------------------------------------------------------------------------------
 
 def _tile(img: torch.Tensor, label: str, scale: int, mark: str | None = None) -> Any:
-    from PIL import Image, ImageDraw
-
-    from hdm_core.pipeline import to_pil
-
     pic = to_pil(img[None])[0]
     pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
     tile = Image.new("RGB", (pic.width, pic.height + 28), "white")
@@ -175,20 +174,6 @@ def _tile(img: torch.Tensor, label: str, scale: int, mark: str | None = None) ->
     return tile
 
 
-def sheet(tiles: list[Any], cols: int, title: str = "") -> Any:
-    from PIL import Image, ImageDraw
-
-    w, h = tiles[0].size
-    rows = -(-len(tiles) // cols)
-    top = 20 if title else 0
-    out = Image.new("RGB", (cols * (w + 4) + 4, rows * (h + 4) + 4 + top), (220, 220, 220))
-    if title:
-        ImageDraw.Draw(out).text((6, 4), title, fill="black")
-    for i, tile in enumerate(tiles):
-        out.paste(tile, (4 + (i % cols) * (w + 4), top + 4 + (i // cols) * (h + 4)))
-    return out
-
-
 def write_grid(follow: dict[str, Any], path: Path, cols: int = 6, scale: int = 4) -> None:
     """One row per colour: each shape with each seed, labelled with what demo.measure reads in it."""
     order = {p: i for i, p in enumerate(prompts())}
@@ -198,7 +183,7 @@ def write_grid(follow: dict[str, Any], path: Path, cols: int = 6, scale: int = 4
         tiles.append(_tile(r["image"], f"{r['prompt'][2:]} s{r['seed']}", scale, mark))
     title = (f"colour {follow['colour_accuracy']:.0%} / shape {follow['shape_accuracy']:.0%} "
              f"(chance {chance_level()['colour']:.0%} / {chance_level()['shape']:.0%})")
-    sheet(tiles, cols, title).save(path)
+    image_grid(tiles, cols, pad=4, background=SHEET_GREY, title=title).save(path)
 
 
 def write_camera_strip(components: Any, prompt: str, seed: int, path: Path, scale: int = 4, **sample: Any) -> None:
@@ -207,7 +192,7 @@ def write_camera_strip(components: Any, prompt: str, seed: int, path: Path, scal
              for x in X_SHIFTS]
     tiles += [_tile(generate_one(components, prompt, seed, zoom=z, **sample), f"zoom {z:.2f}", scale)
               for z in ZOOMS]
-    sheet(tiles, len(X_SHIFTS), f'"{prompt}", seed {seed}').save(path)
+    image_grid(tiles, len(X_SHIFTS), pad=4, background=SHEET_GREY, title=f'"{prompt}", seed {seed}').save(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,56 +214,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    from hdm_core.checkpoint import load_components
+def choose_steps(args: argparse.Namespace) -> int:
+    """--steps, or as many steps as fit in --minutes; by default the recipe's, capped to DEFAULT_TRAIN_MINUTES."""
+    if args.steps:
+        return args.steps
+    recipe_steps = load_recipe(args.recipe, args.overrides).train.max_steps
+    per_step = estimate_step_seconds(args.recipe, args.overrides)
+    fit = max(10, int((args.minutes or DEFAULT_TRAIN_MINUTES) * 60 / per_step))
+    steps = fit if args.minutes else min(recipe_steps, fit)
+    print(f"[demo] about {per_step * 1000:.0f} ms per training step on this machine now: {steps} steps "
+          f"(~{steps * per_step / 60:.1f} min)", flush=True)
+    return steps
 
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
 
-    t0 = time.perf_counter()
-    shutil.rmtree(out / "data", ignore_errors=True)  # the demo's own folder: no stale images from an earlier run
-    data = make_dataset(out / "data", args.images, args.seed)
-    timings["dataset_s"] = time.perf_counter() - t0
-    print(f"[demo] dataset: {args.images} captioned shape images in {data} ({timings['dataset_s']:.1f} s)", flush=True)
-
-    steps = args.steps or None
-    if not args.steps:
-        from training.recipe import load_recipe
-
-        recipe_steps = load_recipe(args.recipe, args.overrides).train.max_steps
-        per_step = estimate_step_seconds(args.recipe, args.overrides)
-        fit = max(10, int((args.minutes or DEFAULT_TRAIN_MINUTES) * 60 / per_step))
-        steps = fit if args.minutes else min(recipe_steps, fit)
-        print(f"[demo] about {per_step * 1000:.0f} ms per training step on this machine now: {steps} steps "
-              f"(~{steps * per_step / 60:.1f} min)", flush=True)
-    t0 = time.perf_counter()
-    export = train(data, out / "runs", steps, args.recipe, args.overrides)
-    timings["train_s"] = time.perf_counter() - t0
-    final = out / "hdm-demo.safetensors"
-    shutil.copyfile(export, final)
-    print(f"[demo] trained in {timings['train_s']:.0f} s; released single-file layout: {final}", flush=True)
-
-    t0 = time.perf_counter()
+def evaluate(checkpoint: Path, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prompt following and camera figures of the exported model; writes grid.png and camera_strip.png."""
     torch.manual_seed(0)
-    comps = load_components(final, dtype=torch.float32)
+    comps = load_components(checkpoint, dtype=torch.float32)
     follow = prompt_following(comps, prompts(), seeds=[0, 1])
     write_grid(follow, out / "grid.png")
     write_camera_strip(comps, CAMERA_PROMPTS[0], 0, out / "camera_strip.png")
-    camera = camera_figures(comps, list(CAMERA_PROMPTS), seeds=[0, 1])
-    timings["sample_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
+    return follow, camera_figures(comps, list(CAMERA_PROMPTS), seeds=[0, 1])
 
+
+def summarise(follow: dict[str, Any], camera: dict[str, Any], timings: dict[str, float], checkpoint: Path,
+              out: Path) -> dict[str, Any]:
+    """metrics.json and the closing report."""
+    chance = chance_level()
     metrics = {
         "colour_accuracy": follow["colour_accuracy"], "shape_accuracy": follow["shape_accuracy"],
-        "both_accuracy": follow["both_accuracy"], "n_images": follow["n"], "chance": chance_level(),
+        "both_accuracy": follow["both_accuracy"], "n_images": follow["n"], "chance": chance,
         **{k: v for k, v in camera.items() if k != "pairs"}, "camera_pairs": camera["pairs"],
-        "timings": timings, "sampling": SAMPLE, "checkpoint": str(final),
+        "timings": timings, "sampling": SAMPLE, "checkpoint": str(checkpoint),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    chance = chance_level()
     print(f"[demo] prompt following over {follow['n']} images: colour {follow['colour_accuracy']:.0%} "
           f"(chance {chance['colour']:.0%}), shape {follow['shape_accuracy']:.0%} (chance {chance['shape']:.0%})")
     print(f"[demo] camera over {camera['n']} prompt/seed pairs: x_shift +0.5 vs -0.5 moves the centroid by "
@@ -287,8 +256,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"ideal 3.1x)")
     print(f"[demo] timings: dataset {timings['dataset_s']:.0f} s, training {timings['train_s']:.0f} s, "
           f"sampling {timings['sample_s']:.0f} s, total {timings['total_s']:.0f} s")
-    print(f"[demo] wrote {out / 'grid.png'}, {out / 'camera_strip.png'}, {out / 'metrics.json'}, {final}")
+    print(f"[demo] wrote {out / 'grid.png'}, {out / 'camera_strip.png'}, {out / 'metrics.json'}, {checkpoint}")
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = t0 = time.perf_counter()
+    shutil.rmtree(out / "data", ignore_errors=True)  # the demo's own folder: no stale images from an earlier run
+    data = make_dataset(out / "data", args.images, args.seed)
+    timings["dataset_s"] = time.perf_counter() - t0
+    print(f"[demo] dataset: {args.images} captioned shape images in {data} ({timings['dataset_s']:.1f} s)", flush=True)
+
+    steps = choose_steps(args)
+    t0 = time.perf_counter()
+    export = train(data, out / "runs", steps, args.recipe, args.overrides)
+    timings["train_s"] = time.perf_counter() - t0
+    final = out / "hdm-demo.safetensors"
+    shutil.copyfile(export, final)
+    print(f"[demo] trained in {timings['train_s']:.0f} s; released single-file layout: {final}", flush=True)
+
+    t0 = time.perf_counter()
+    follow, camera = evaluate(final, out)
+    timings["sample_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    return summarise(follow, camera, timings, final, out)
 
 
 if __name__ == "__main__":

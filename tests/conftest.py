@@ -10,21 +10,19 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+DATA = REPO / "tests" / "data"  # golden vectors, tokenizer ids, key layouts; see tests/data/README.md
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not SHARED_REFERENCE.is_dir():
-        pytest.skip(f"reference folder {SHARED_REFERENCE} not found (clone with ../shared beside the repo)")
-    return SHARED_REFERENCE
+    return DATA
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    path = Path(os.environ.get("HDM_GOLDEN_DIR", SHARED_REFERENCE / "golden_public"))
+    path = Path(os.environ.get("HDM_GOLDEN_DIR", DATA / "golden_public"))
     if not (path / "config.json").is_file():
-        pytest.skip(f"golden set {path} not found; set HDM_GOLDEN_DIR")
+        raise FileNotFoundError(f"golden set {path} has no config.json; point HDM_GOLDEN_DIR at a golden folder")
     return path
 
 
@@ -46,12 +44,6 @@ def _deterministic_threads():
 # Tiny random HDM parts in the released layout
 # ---------------------------------------------------------------------------------------------------
 
-TINY_QWEN3 = dict(vocab_size=151936, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-TINY_VAE = dict(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=32, sample_size=32)
-
-
 def randomized(sd: dict) -> dict:
     """Non-degenerate random values for every floating tensor (zero-initialised layers included)."""
     gen = torch.Generator().manual_seed(0)
@@ -62,17 +54,17 @@ def randomized(sd: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_parts() -> dict:
-    """State dicts of a tiny XUT (xut-tiny), tiny Qwen3 and tiny VAE, all random."""
+    """State dicts of a tiny XUT (xut-tiny), tiny Qwen3 and tiny VAE (the "tiny" presets), all random."""
     from hdm_core import PRESETS, XUT
-    from hdm_core.text_encoder import build_qwen3
-    from hdm_core.vae import build_autoencoder
+    from hdm_core.text_encoder import QWEN3_PRESETS, build_qwen3
+    from hdm_core.vae import VAE_PRESETS, build_autoencoder
 
     torch.manual_seed(0)
     return {
         "config": PRESETS["xut-tiny"],
         "unet": randomized(XUT(PRESETS["xut-tiny"]).state_dict()),
-        "te": {k: v.clone() for k, v in build_qwen3(TINY_QWEN3).state_dict().items()},
-        "vae": {k: v.clone() for k, v in build_autoencoder(TINY_VAE).state_dict().items()},
+        "te": {k: v.clone() for k, v in build_qwen3(QWEN3_PRESETS["tiny"]).state_dict().items()},
+        "vae": {k: v.clone() for k, v in build_autoencoder(VAE_PRESETS["tiny"]).state_dict().items()},
     }
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from hdm_core.rope import area_downsample_pos, crop_pos, make_axial_pos
 from training.data import (
+    BatchPlan,
     CaptionRules,
     FolderDataset,
     FolderSource,
@@ -93,11 +94,11 @@ def test_sample_image_and_map_are_cropped_together():
     img.putdata([(x, 0, 0) for _ in range(h) for x in range(w)])
     for seed in range(4):
         s = make_sample(img, "a", (32, 32), SPEC, random.Random(seed))
-        left = int(s["pixels"][0, 0, 0])          # column of the full image at crop column 0
-        torch.testing.assert_close(s["pixels"][0, 0].long(), torch.arange(left, left + 32))
+        left = int(s.pixels[0, 0, 0])             # column of the full image at crop column 0
+        torch.testing.assert_close(s.pixels[0, 0].long(), torch.arange(left, left + 32))
         x_expected = -1 + (torch.arange(left, left + 32) + 0.5) * 2 / w
-        torch.testing.assert_close(s["pos"].reshape(32, 32, 2)[0, :, 1], x_expected.float())
-        assert s["aspect"] == pytest.approx(math.log(w / h))  # from the uncropped image
+        torch.testing.assert_close(s.pos.reshape(32, 32, 2)[0, :, 1], x_expected.float())
+        assert s.aspect == pytest.approx(math.log(w / h))  # from the uncropped image
 
 
 def test_buckets():
@@ -121,21 +122,21 @@ def test_folder_skips_corrupt_images_and_reads_captions(tmp_path):
     assert len(ds) == 8
     bad = [i for i, f in enumerate(ds.files) if f.name.startswith("corrupt")]
     sample = ds[(bad[0], 0, 32, 32)]
-    assert sample["skipped"] == 2 and sample["pixels"].shape == (3, 32, 32)  # replaced by the next good image
-    assert ds[(0, 0, 32, 32)]["caption"] == ""
-    src = FolderSource(ds, batch_size=2, rank=0, world=1, workers=0, buckets=None)
-    total = sum(b["skipped"] for b in itertools.islice(iter(src), src.batches_per_epoch))
+    assert sample.skipped == 2 and sample.pixels.shape == (3, 32, 32)  # replaced by the next good image
+    assert ds[(0, 0, 32, 32)].caption == ""
+    src = FolderSource(ds, BatchPlan(seed=0, batch_size=2), workers=0)
+    total = sum(b.skipped for b in itertools.islice(iter(src), src.batches_per_epoch))
     assert total == 3  # corrupt_0 falls through corrupt_1 to a good image (2), corrupt_1 itself (1)
 
 
 def test_epoch_plan_is_seeded_disjoint_and_balanced():
     sizes = [None] * 103
-    plans = [epoch_plan(sizes, 0, 7, 4, r, 3, None) for r in range(3)]
+    plans = [epoch_plan(sizes, 0, BatchPlan(7, 4, r, 3)) for r in range(3)]
     assert len({len(p) for p in plans}) == 1
     seen = [k[0] for p in plans for batch in p for k in batch]
     assert len(seen) == len(set(seen))
-    assert plans[0] == epoch_plan(sizes, 0, 7, 4, 0, 3, None)
-    assert plans[0] != epoch_plan(sizes, 1, 7, 4, 0, 3, None)
+    assert plans[0] == epoch_plan(sizes, 0, BatchPlan(7, 4, 0, 3))
+    assert plans[0] != epoch_plan(sizes, 1, BatchPlan(7, 4, 0, 3))
 
 
 def test_folder_source_resumes_where_it_left_off(tmp_path):
@@ -143,8 +144,8 @@ def test_folder_source_resumes_where_it_left_off(tmp_path):
     ds = FolderDataset(root, SPEC, seed=1)
 
     def take(n, state=None):
-        src = FolderSource(ds, 4, 0, 1, 0, None, state)
-        out = [(b["captions"], b["pixels"].sum().item()) for b in itertools.islice(iter(src), n)]
+        src = FolderSource(ds, BatchPlan(seed=1, batch_size=4), workers=0, state=state)
+        out = [(b.captions, b.pixels.sum().item()) for b in itertools.islice(iter(src), n)]
         return out, src.state()
 
     full, _ = take(9)  # crosses an epoch boundary (5 batches per epoch)
@@ -156,9 +157,9 @@ def test_folder_source_resumes_where_it_left_off(tmp_path):
 def test_bucketed_folder_batches_share_a_shape(tmp_path):
     root = make_toy_folder(tmp_path / "imgs", n=24, corrupt=1)
     ds = FolderDataset(root, SPEC, seed=0)
-    src = FolderSource(ds, 2, 0, 1, 0, make_buckets(32, 8, 2.0))
+    src = FolderSource(ds, BatchPlan(seed=0, batch_size=2, buckets=make_buckets(32, 8, 2.0)), workers=0)
     assert src.unreadable_at_start == 1
-    shapes = {tuple(b["pixels"].shape[-2:]) for b in itertools.islice(iter(src), src.batches_per_epoch)}
+    shapes = {tuple(b.pixels.shape[-2:]) for b in itertools.islice(iter(src), src.batches_per_epoch)}
     assert len(shapes) > 1 and all(h % 8 == 0 and w % 8 == 0 for h, w in shapes)
 
 
@@ -168,7 +169,7 @@ def test_bucketed_folder_batches_share_a_shape(tmp_path):
 
 def _stream(shards, rank, world, workers, state=None):
     slots = max(1, min(workers, len(shards) // world))
-    return ShardSource(ShardStream(shards, SPEC, 0, 3, rank, world, slots, None, 4, state), workers)
+    return ShardSource(ShardStream(shards, SPEC, BatchPlan(0, 3, rank, world), slots, 4, state), workers)
 
 
 def test_shards_per_rank_disjoint_and_corrupt_counted(tmp_path):
@@ -177,10 +178,11 @@ def test_shards_per_rank_disjoint_and_corrupt_counted(tmp_path):
     assert len(shards) == 4 and count_samples(shards) == 25
     keys, skipped = [], 0
     for rank in range(2):
-        batches = list(itertools.islice(iter(_stream(shards, rank, 2, 0)), 4))
-        assert all(b["position"][1] == 0 for b in batches)  # still the first epoch
-        keys.append({k for b in batches for k in b["keys"]})
-        skipped += sum(b["skipped"] for b in batches)
+        source = _stream(shards, rank, 2, 0)
+        batches = list(itertools.islice(iter(source), 4))
+        assert all(b.position[1] == 0 for b in batches)  # still the first epoch
+        keys.append({k for k, _ in source.stream.samples(0, 0)})  # what this rank's batches were cut from
+        skipped += sum(b.skipped for b in batches)
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert skipped == 1
 
@@ -191,7 +193,7 @@ def test_shard_stream_resume_with_workers(tmp_path):
 
     def take(n, state=None):
         src = _stream(shards, 0, 1, 2, state)
-        out = [(b["position"], b["pixels"].sum().item()) for b in itertools.islice(iter(src), n)]
+        out = [(b.position, b.pixels.sum().item()) for b in itertools.islice(iter(src), n)]
         return out, src.state()
 
     full, _ = take(11)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from training.data import CaptionRules
 from training.recipe import apply_overrides, load_recipe, parse_override, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
@@ -30,7 +31,7 @@ def test_stage_recipes_match_the_table(name):
     assert (r.model.tread_rate, r.model.max_length, r.data.bucketing) == (tread, ctx, buckets)
     assert r.train.precision == "fp16" and r.model.gradient_checkpointing
     assert r.train.batch_size * r.train.grad_accum * r.train.reference_world_size in (2048, 512, 256)
-    assert r.train.ema_decay == 0 and r.data.caption_dropout == 0  # the official trainer has neither
+    assert r.train.ema_decay == 0 and r.data.captions.caption_dropout == 0  # the official trainer has neither
     if parent is None:
         assert r.model.init_from == ""
     else:
@@ -50,6 +51,10 @@ def test_unknown_keys_are_errors(tmp_path):
         recipe_from_dict({"trainer": {}})
     with pytest.raises(ValueError, match="'resoluton'"):
         load_recipe(RECIPES / "tiny_cpu.toml", ["data.resoluton=64"])
+    with pytest.raises(ValueError, match=r"'tag_dropot'.*allowed keys are \['caption_dropout'"):
+        load_recipe(RECIPES / "tiny_cpu.toml", ["data.captions.tag_dropot=0.1"])
+    with pytest.raises(ValueError, match=r"\['tag_dropout'\] belong in \[data.captions\]"):
+        recipe_from_dict({"data": {"tag_dropout": 0.1}})
 
 
 def test_bad_values_name_the_value_and_the_fix():
@@ -63,6 +68,8 @@ def test_bad_values_name_the_value_and_the_fix():
         recipe_from_dict({"optim": {"betas": [0.9]}})
     with pytest.raises(ValueError, match="true or false"):
         recipe_from_dict({"data": {"bucketing": 1}})
+    with pytest.raises(ValueError, match=r"tag_dropout 1.5 must be a probability in \[0, 1\]"):
+        recipe_from_dict({"data": {"captions": {"tag_dropout": 1.5}}})
 
 
 def test_overrides():
@@ -75,3 +82,6 @@ def test_overrides():
     assert r.train.epochs == 3.0 and isinstance(r.train.epochs, float)
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("optim.lr")
+    r = load_recipe(RECIPES / "tiny_cpu.toml", ["data.captions.tag_dropout=0.3", "data.captions.shuffle=false"])
+    assert (r.data.captions.tag_dropout, r.data.captions.shuffle, r.data.captions.tag_separator) == (0.3, False, ",")
+    assert recipe_from_dict({}).data.captions == CaptionRules(tag_dropout=0.25, group_dropout=0.3, shuffle=True)

@@ -20,6 +20,7 @@ from hdm_core.tread import keep_count, random_keep_mask
 from training.checkpointing import latest_checkpoint, load_checkpoint
 from training.encoders import build_text_encoder
 from training.optim import WarmupCosine, fan_in, mup_param_groups
+from training.runtime import mix_seed
 from training.toy_data import make_toy_folder
 from training.train import main, parse_args
 
@@ -68,6 +69,15 @@ def test_warmup_cosine_schedule():
     values = [f(s) for s in range(1000, 5001)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert values[-1] == pytest.approx(0.01, abs=1e-6)
+
+
+def test_mix_seed_keeps_the_data_order_and_noise_seeds():
+    """The seeds a run (and a resume) depends on: (seed, epoch) for the data order, (seed, rank, step, micro) for
+    the noise; any change here changes what a resumed run reads and draws."""
+    p = 1_000_003
+    assert mix_seed(20090220, 3) == 20090220 * p + 3
+    assert mix_seed(20090220, 1, 500, 2) == (((20090220 * p + 1) * p + 500) * p + 2) % 2**63
+    assert mix_seed(0, 0, 0, 1) != mix_seed(0, 0, 1, 0)
 
 
 @pytest.mark.parametrize("n,rate", [(256, 0.5), (1024, 0.5), (100, 0.3), (64, 0.0), (7, 0.9)])

@@ -8,6 +8,7 @@ data.resolution (both sides rounded to the VAE × patch unit), so the shifted sq
 training time, in latent space (8-px offset granularity), and a fresh posterior sample is drawn every step.
 The text embedding of the caption is stored too, and used only when the recipe does not augment captions
 (tag/group dropout 0, no shuffle, no caption dropout); otherwise captions are encoded online.
+The trainer reads the cache through `CachedSamples`, the `load_sample` of its FolderDataset.
 """
 
 from __future__ import annotations
@@ -16,45 +17,53 @@ import argparse
 import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import CaptionRules, SampleSpec, crop_position_map, list_images, open_image, process_caption
+from hdm_core.weights import atomic_write
+
+from .data import CaptionRules, Sample, SampleSpec, crop_position_map, list_images, open_image, process_caption
+from .encoders import build_text_encoder, build_vae
+from .recipe import Recipe, load_recipe
 
 
 def cache_file(cache: Path, relative: Path) -> Path:
     return Path(cache) / relative.with_suffix(".safetensors")
 
 
-def load_cached_sample(cache: Path, relative: Path, caption: str, size: tuple[int, int], spec: SampleSpec,
-                       rng: random.Random) -> dict[str, Any]:
-    """A training sample from the cache: random latent-space crop of `size` pixels and its position map."""
-    path = cache_file(cache, relative)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the cache; rerun python -m training.cache")
-    t = load_file(str(path))
-    f = spec.factor
-    _, lh, lw = t["mean"].shape
-    ch, cw = size[0] // f, size[1] // f
-    if ch > lh or cw > lw:
-        raise ValueError(f"cached latent {lh}x{lw} is smaller than the {size} crop; rebuild the cache at "
-                         f"data.resolution {spec.resolution}")
-    top, left = rng.randint(0, lh - ch), rng.randint(0, lw - cw)
-    sample = {
-        "latent_mean": t["mean"][:, top:top + ch, left:left + cw].float(),
-        "latent_std": t["std"][:, top:top + ch, left:left + cw].float(),
-        "pos": crop_position_map(lh * f, lw * f, top * f, left * f, size[0], size[1], f),
-        "aspect": math.log(lw / lh),
-        "caption": process_caption(caption, spec.rules, rng),
-    }
-    r = spec.rules
-    augmented = r.tag_dropout or r.group_dropout or r.shuffle or r.caption_dropout
-    if "ctx" in t and not augmented:
-        sample["ctx"] = t["ctx"].float()
-    return sample
+@dataclass(frozen=True)
+class CachedSamples:
+    """A FolderDataset `load_sample` that reads the cache entry of an image under `root` instead of the image."""
+
+    cache: Path
+    root: Path
+
+    def __call__(self, path: Path, caption: str, size: tuple[int, int], spec: SampleSpec,
+                 rng: random.Random) -> Sample:
+        """A random latent-space crop of `size` pixels with its position map (and text embedding when usable)."""
+        file = cache_file(self.cache, Path(path).relative_to(self.root))
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing from the cache; rerun python -m training.cache")
+        t = load_file(str(file))
+        f = spec.factor
+        _, lh, lw = t["mean"].shape
+        ch, cw = size[0] // f, size[1] // f
+        if ch > lh or cw > lw:
+            raise ValueError(f"cached latent {lh}x{lw} is smaller than the {size} crop; rebuild the cache at "
+                             f"data.resolution {spec.resolution}")
+        top, left = rng.randint(0, lh - ch), rng.randint(0, lw - cw)
+        r = spec.rules
+        augmented = r.tag_dropout or r.group_dropout or r.shuffle or r.caption_dropout
+        return Sample(pos=crop_position_map(lh * f, lw * f, top * f, left * f, size[0], size[1], f),
+                      aspect=math.log(lw / lh),
+                      caption=process_caption(caption, r, rng),
+                      latent_mean=t["mean"][:, top:top + ch, left:left + cw].float(),
+                      latent_std=t["std"][:, top:top + ch, left:left + cw].float(),
+                      ctx=t["ctx"].float() if "ctx" in t and not augmented else None)
 
 
 @torch.no_grad()
@@ -66,10 +75,32 @@ def encode_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torc
     return dist.mean.float(), dist.std.float()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from .encoders import build_text_encoder, build_vae
-    from .recipe import load_recipe
+def cache_image(image_path: Path, out: Path, vae: Any, text_encoder: Any, recipe: Recipe,
+                device: torch.device) -> bool:
+    """Write one image's cache entry (atomically); False when the image is unreadable."""
+    try:
+        img = open_image(image_path).convert("RGB")
+    except Exception as err:  # noqa: BLE001
+        print(f"skipping unreadable image {image_path} ({err})")
+        return False
+    unit = vae.downscale_factor * 2
+    scale = recipe.data.resolution / min(img.size)
+    w, h = (max(unit, round(s * scale / unit) * unit) for s in img.size)
+    img = img.resize((w, h), resample=3)  # bicubic
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
+    mean, std = encode_posterior(vae, pixels.permute(2, 0, 1)[None].to(device).float() / 127.5 - 1)
+    txt = image_path.with_suffix(".txt")
+    caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+    c = recipe.data.captions
+    plain = CaptionRules(c.keep_separator, c.group_separator, c.tag_separator)  # separators only, no augmentation
+    caption = process_caption(caption, plain, random.Random(0))
+    ctx = text_encoder.encode_padded([caption], max_length=recipe.model.max_length)[0]
+    tensors = {k: v.half().cpu().contiguous() for k, v in (("mean", mean[0]), ("std", std[0]), ("ctx", ctx))}
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp)))
+    return True
 
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Cache VAE latents and text embeddings for an image folder.")
     p.add_argument("--config", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,34 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     vae = build_vae(recipe.model.vae, dtype, device)
     te = build_text_encoder(recipe.model.text_encoder, dtype, device)
-    root, res, d = Path(recipe.data.path), recipe.data.resolution, recipe.data
-    rules = CaptionRules(d.keep_separator, d.group_separator, d.tag_separator)
-    unit = vae.downscale_factor * 2
+    root = Path(recipe.data.path)
     files = list_images(root)[rank::world]
     for i, image_path in enumerate(files):
         out = cache_file(Path(recipe.data.cache), image_path.relative_to(root))
-        if out.is_file():
-            continue
-        try:
-            img = open_image(image_path).convert("RGB")
-        except Exception as err:  # noqa: BLE001
-            print(f"skipping unreadable image {image_path} ({err})")
-            continue
-        scale = res / min(img.size)
-        w, h = (max(unit, round(s * scale / unit) * unit) for s in img.size)
-        img = img.resize((w, h), resample=3)  # bicubic
-        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
-        pixels = pixels.permute(2, 0, 1)[None].to(device).float() / 127.5 - 1
-        mean, std = encode_posterior(vae, pixels)
-        txt = image_path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
-        caption = process_caption(caption, rules, random.Random(0))  # deterministic when not augmented
-        ctx = te.encode_padded([caption], max_length=recipe.model.max_length)[0]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": mean[0].half().cpu(), "std": std[0].half().cpu(), "ctx": ctx.half().cpu().contiguous()},
-                  str(out.with_name(out.name + ".tmp")))
-        os.replace(out.with_name(out.name + ".tmp"), out)
-        if i % 1000 == 0:
+        if not out.is_file() and cache_image(image_path, out, vae, te, recipe, device) and i % 1000 == 0:
             print(f"rank {rank}: {i}/{len(files)}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 
 from hdm_core.checkpoint import save_single_file
 from hdm_core.config import XUTConfig
+from hdm_core.weights import atomic_write
 
 from .encoders import vae_export_parts
 
@@ -36,14 +36,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from (--resume: the latest, if any; --resume-from: that one); without either,
+    a run folder that already has checkpoints is an error."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume:
+        return Path(resume)
+    if latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already has checkpoints; pass --resume to continue it, or change "
+                              f"name / run.out_dir for a new run")
+    return None
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoints/step_XXXXXXXX.pt via a temporary file and a rename, then drop all but the last K."""
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    path = atomic_write(checkpoint_dir(run_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -51,6 +59,21 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_resume(path: Path | None, rank: int, world: int) -> tuple[dict[str, Any] | None, dict | None]:
+    """(checkpoint, this rank's data position in it), or (None, None) without one. A folder position is re-dealt
+    to a different world size; a tar-shard position needs the same one."""
+    if path is None:
+        return None, None
+    state = load_checkpoint(path)
+    if state["world_size"] == world:
+        return state, state["data"][rank]
+    if "epoch" in state["data"][0]:  # folder: the global batch list does not depend on the world size
+        consumed = state["data"][0]["batch"] * state["world_size"]
+        return state, {"epoch": state["data"][0]["epoch"], "batch": consumed // world}
+    raise ValueError(f"{path} was written by {state['world_size']} ranks reading tar shards; "
+                     f"resume with --nproc_per_node×nnodes = {state['world_size']}")
 
 
 def load_init_weights(source: str) -> tuple[dict[str, torch.Tensor], XUTConfig]:

@@ -4,23 +4,27 @@ exactly the batches an uninterrupted one would.
 
 Every sample's randomness (crop offset, tag dropout and shuffle) comes from a `random.Random` seeded with
 (seed, epoch, index), so results do not depend on the number of loader workers. Unreadable images are
-replaced by the next readable one and counted in `batch["skipped"]`, never fatal.
+replaced by the next readable one and counted in `Batch.skipped`, never fatal. How a file becomes a `Sample`
+is injected (`FolderDataset(load_sample=...)`): `load_image` decodes it, `training.cache.CachedSamples` reads
+its cached latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
+
+from .runtime import mix_seed
 
 log = logging.getLogger("training.data")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -33,13 +37,20 @@ MAX_CORRUPT_IN_A_ROW = 50
 
 @dataclass(frozen=True)
 class CaptionRules:
-    keep_separator: str = "|||"
+    """How a caption file becomes the training caption; a recipe's [data.captions] table."""
+
+    keep_separator: str = "|||"          # text before it is always kept, in order
     group_separator: str = "%%"
     tag_separator: str = "$$"
     tag_dropout: float = 0.0
     group_dropout: float = 0.0
-    shuffle: bool = False
-    caption_dropout: float = 0.0
+    shuffle: bool = False                # shuffle the tags within each group, and the groups
+    caption_dropout: float = 0.0         # whole caption -> "" (for CFG); the official trainer has none
+
+    def __post_init__(self) -> None:
+        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.captions.{name} {getattr(self, name)} must be a probability in [0, 1]")
 
 
 def process_caption(text: str, rules: CaptionRules, rng: random.Random) -> str:
@@ -132,7 +143,7 @@ def nearest_bucket(buckets: list[tuple[int, int]], height: int, width: int) -> t
 
 
 # ---------------------------------------------------------------------------------------------------
-# One sample
+# Samples and batches
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -144,17 +155,62 @@ class SampleSpec:
     rules: CaptionRules
 
 
+@dataclass
+class Sample:
+    """One training example: pixels, or the cached VAE posterior of the crop (and maybe its text embedding)."""
+
+    pos: torch.Tensor                          # (h/f · w/f, 2) position map of the crop
+    aspect: float                              # ln(W/H) of the uncropped image
+    caption: str
+    pixels: torch.Tensor | None = None         # (3, h, w) uint8
+    latent_mean: torch.Tensor | None = None    # (C, h/f, w/f) cached posterior
+    latent_std: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None            # (L, D) cached text embedding of the caption
+    skipped: int = 0                           # unreadable files this sample replaced
+    position: tuple[int, ...] = ()             # where the source's plan is (see FolderSource / ShardSource)
+
+
+@dataclass
+class Batch:
+    """Samples of one size, stacked; `pixels` or (`latent_mean`, `latent_std`) is set, `ctx` when cached."""
+
+    pos: torch.Tensor                          # (B, N, 2)
+    aspect: torch.Tensor                       # (B,)
+    captions: list[str]
+    pixels: torch.Tensor | None = None         # (B, 3, H, W) uint8
+    latent_mean: torch.Tensor | None = None    # (B, C, H/f, W/f)
+    latent_std: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None            # (B, L, D)
+    skipped: int = 0                           # unreadable files replaced or dropped while reading it
+    position: tuple[int, ...] = ()
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    def stack(name: str) -> torch.Tensor | None:
+        first = getattr(samples[0], name)
+        return None if first is None else torch.stack([getattr(s, name) for s in samples])
+
+    return Batch(pos=stack("pos"), aspect=torch.tensor([s.aspect for s in samples], dtype=torch.float32),
+                 captions=[s.caption for s in samples], pixels=stack("pixels"), latent_mean=stack("latent_mean"),
+                 latent_std=stack("latent_std"), ctx=stack("ctx"), skipped=sum(s.skipped for s in samples),
+                 position=samples[0].position)
+
+
 def make_sample(img: Image.Image, caption: str, size: tuple[int, int], spec: SampleSpec,
-                rng: random.Random) -> dict[str, Any]:
+                rng: random.Random) -> Sample:
     """Crop an RGB image to `size` (h, w) with its position map and aspect; augment the caption."""
     crop, top, left, rh, rw = resize_and_crop(img.convert("RGB"), size[0], size[1], rng)
     pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
-    return {
-        "pixels": pixels.permute(2, 0, 1).contiguous(),                                   # (3, h, w) uint8
-        "pos": crop_position_map(rh, rw, top, left, size[0], size[1], spec.factor),       # (h/f · w/f, 2)
-        "aspect": math.log(rw / rh),                                                      # of the uncropped image
-        "caption": process_caption(caption, spec.rules, rng),
-    }
+    return Sample(pos=crop_position_map(rh, rw, top, left, size[0], size[1], spec.factor),
+                  aspect=math.log(rw / rh),
+                  caption=process_caption(caption, spec.rules, rng),
+                  pixels=pixels.permute(2, 0, 1).contiguous())
 
 
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
@@ -166,21 +222,29 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     return img
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {"captions": [s["caption"] for s in samples],
-             "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
-             "skipped": sum(s.get("skipped", 0) for s in samples),
-             "skipped_files": [f for s in samples for f in s.get("skipped_files", [])],
-             "position": samples[0].get("position")}
-    for key in ("pixels", "pos", "latent_mean", "latent_std", "ctx"):
-        if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
-    return batch
+# (image path, caption text, (h, w), spec, rng) -> Sample; raises on an unreadable file.
+LoadSample = Callable[[Path, str, tuple[int, int], SampleSpec, random.Random], Sample]
+
+
+def load_image(path: Path, caption: str, size: tuple[int, int], spec: SampleSpec, rng: random.Random) -> Sample:
+    """The default `LoadSample`: decode the image file and crop it."""
+    return make_sample(open_image(path), caption, size, spec, rng)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Image folder (map-style) with a deterministic, resumable batch plan
 # ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a rank cuts the data into batches; the same for folders and tar shards."""
+
+    seed: int                                  # the recipe's train.seed, shared by all ranks
+    batch_size: int                            # per rank
+    rank: int = 0
+    world: int = 1
+    buckets: list[tuple[int, int]] | None = None   # (h, w) aspect-ratio buckets; None = square crops
+
 
 def list_images(root: str | os.PathLike) -> list[Path]:
     """All images under root (recursively), sorted, so every rank sees the same list."""
@@ -195,11 +259,13 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Images with same-stem .txt captions (a missing .txt is an empty caption). Keys are (index, epoch, h, w)."""
+    """Images with same-stem .txt captions (a missing .txt is an empty caption). Keys are (index, epoch, h, w),
+    optionally followed by the batch number; `load_sample` turns a file into a Sample (see `LoadSample`)."""
 
-    def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int, cache: str = "") -> None:
+    def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int,
+                 load_sample: LoadSample = load_image) -> None:
         self.root, self.files, self.spec, self.seed = Path(root), list_images(root), spec, seed
-        self.cache = Path(cache) if cache else None
+        self.load_sample = load_sample
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -217,100 +283,84 @@ class FolderDataset(torch.utils.data.Dataset):
         except Exception:  # noqa: BLE001 - any unreadable file is skipped, whatever the decoder raises
             return None
 
-    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, ...]) -> Sample:
         index, epoch, h, w = key[:4]
-        skipped = []
-        for attempt in range(MAX_CORRUPT_IN_A_ROW):
-            i = (index + attempt) % len(self.files)
+        for skipped in range(MAX_CORRUPT_IN_A_ROW):
+            i = (index + skipped) % len(self.files)
             rng = random.Random(f"{self.seed}/{epoch}/{i}")
             try:
-                sample = self._load(i, (h, w), rng)
+                sample = self.load_sample(self.files[i], self.caption(i), (h, w), self.spec, rng)
                 break
             except Exception as err:  # noqa: BLE001
                 if i not in self._warned:
                     self._warned.add(i)
                     log.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
-                skipped.append(str(self.files[i]))
         else:
             raise RuntimeError(f"{MAX_CORRUPT_IN_A_ROW} unreadable images in a row near {self.files[index]}; "
                                f"check the dataset (e.g. with PIL) before training")
-        sample["skipped"], sample["skipped_files"] = len(skipped), skipped
-        sample["position"] = (epoch, key[4] if len(key) > 4 else 0)
+        sample.skipped, sample.position = skipped, (epoch, key[4] if len(key) > 4 else 0)
         return sample
 
-    def _load(self, i: int, size: tuple[int, int], rng: random.Random) -> dict[str, Any]:
-        if self.cache is not None:
-            from .cache import load_cached_sample
-            return load_cached_sample(self.cache, self.files[i].relative_to(self.root), self.caption(i),
-                                      size, self.spec, rng)
-        return make_sample(open_image(self.files[i]), self.caption(i), size, self.spec, rng)
 
-
-def epoch_plan(sizes: list[tuple[int, int] | None], epoch: int, seed: int, batch_size: int, rank: int,
-               world: int, buckets: list[tuple[int, int]] | None) -> list[list[tuple[int, int, int, int]]]:
+def epoch_plan(sizes: list[tuple[int, int] | None], epoch: int,
+               plan: BatchPlan) -> list[list[tuple[int, int, int, int]]]:
     """This rank's batches for one epoch: a seeded permutation cut into batches (one bucket per batch),
     the global batch list shuffled, then dealt round-robin so every rank gets the same number of batches."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    g = torch.Generator().manual_seed(mix_seed(plan.seed, epoch))
     order = torch.randperm(len(sizes), generator=g).tolist()
-    by_bucket: dict[tuple[int, int], list[int]] = {}
+    by_bucket: dict[tuple[int, int] | None, list[int]] = {}
     for i in order:
-        if buckets is None:
+        if plan.buckets is None:
             size = None
         elif sizes[i] is None:
             continue  # unreadable header: never planned (counted at start-up)
         else:
-            size = nearest_bucket(buckets, *sizes[i])
+            size = nearest_bucket(plan.buckets, *sizes[i])
         by_bucket.setdefault(size, []).append(i)
-    batches = [(b, idx[k:k + batch_size]) for b, idx in sorted(by_bucket.items(), key=lambda kv: str(kv[0]))
-               for k in range(0, len(idx) - batch_size + 1, batch_size)]
+    n = plan.batch_size
+    batches = [(b, idx[k:k + n]) for b, idx in sorted(by_bucket.items(), key=lambda kv: str(kv[0]))
+               for k in range(0, len(idx) - n + 1, n)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     batches = [batches[p] for p in perm]
-    per_rank = len(batches) // world
+    per_rank = len(batches) // plan.world
     if per_rank == 0:
-        raise ValueError(f"{len(sizes)} images give {len(batches)} full batches of {batch_size}, fewer than the "
-                         f"{world} ranks; lower train.batch_size or add data")
-    return [[(i, epoch, *(size or (0, 0))) for i in idx] for size, idx in batches[rank::world][:per_rank]]
+        raise ValueError(f"{len(sizes)} images give {len(batches)} full batches of {n}, fewer than the "
+                         f"{plan.world} ranks; lower train.batch_size or add data")
+    return [[(i, epoch, *(size or (0, 0))) for i in idx] for size, idx in batches[plan.rank::plan.world][:per_rank]]
 
 
 class PlanSampler(torch.utils.data.Sampler):
     """Endless batch sampler over epochs from (epoch, batch); keys are (index, epoch, h, w, batch)."""
 
-    def __init__(self, sizes: list, seed: int, batch_size: int, rank: int, world: int,
-                 buckets: list[tuple[int, int]] | None, resolution: int, start: tuple[int, int] = (0, 0)) -> None:
-        self.sizes, self.seed, self.batch_size, self.rank, self.world = sizes, seed, batch_size, rank, world
-        self.buckets, self.resolution, self.start = buckets, resolution, start
-        self.batches_per_epoch = len(self.plan(0))
-
-    def plan(self, epoch: int) -> list[list[tuple[int, int, int, int]]]:
-        return epoch_plan(self.sizes, epoch, self.seed, self.batch_size, self.rank, self.world, self.buckets)
+    def __init__(self, sizes: list, plan: BatchPlan, resolution: int, start: tuple[int, int] = (0, 0)) -> None:
+        self.sizes, self.plan, self.resolution, self.start = sizes, plan, resolution, start
+        self.batches_per_epoch = len(epoch_plan(sizes, 0, plan))
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
         epoch, first, r = *self.start, self.resolution
         while True:
-            plan = self.plan(epoch)
-            for b in range(first, len(plan)):
-                yield [(i, e, h or r, w or r, b) for i, e, h, w in plan[b]]
+            batches = epoch_plan(self.sizes, epoch, self.plan)
+            for b in range(first, len(batches)):
+                yield [(i, e, h or r, w or r, b) for i, e, h, w in batches[b]]
             epoch, first = epoch + 1, 0
 
 
 class FolderSource:
     """Endless iterator of collated batches from an image folder; `state()` is the next (epoch, batch)."""
 
-    def __init__(self, dataset: FolderDataset, batch_size: int, rank: int, world: int, workers: int,
-                 buckets: list[tuple[int, int]] | None, state: dict | None = None) -> None:
-        sizes = [dataset.image_size(i) for i in range(len(dataset))] if buckets else [None] * len(dataset)
-        self.unreadable_at_start = sum(s is None for s in sizes) if buckets else 0
+    def __init__(self, dataset: FolderDataset, plan: BatchPlan, workers: int = 0, state: dict | None = None) -> None:
+        sizes = [dataset.image_size(i) for i in range(len(dataset))] if plan.buckets else [None] * len(dataset)
+        self.unreadable_at_start = sum(s is None for s in sizes) if plan.buckets else 0
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
-        self.sampler = PlanSampler(sizes, dataset.seed, batch_size, rank, world, buckets,
-                                   dataset.spec.resolution, self.position)
+        self.sampler = PlanSampler(sizes, plan, dataset.spec.resolution, self.position)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
             prefetch_factor=4 if workers > 0 else None)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            epoch, b = batch["position"]
+            epoch, b = batch.position
             self.position = (epoch, b + 1) if b + 1 < self.batches_per_epoch else (epoch + 1, 0)
             yield batch
 

@@ -17,19 +17,14 @@ from typing import Any
 import torch
 
 from hdm_core.checkpoint import SafetensorsFile, read_text_encoder, read_vae
+from hdm_core.text_encoder import QWEN3_PRESETS, TextEncoder, build_qwen3
+from hdm_core.vae import VAE_PRESETS, LatentVAE, PixelSpace, build_autoencoder
 
 from .recipe import parse_value
 
-RANDOM_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
-    # Matches xut-tiny's ctx_dim 48. The vocabulary stays Qwen3's, so the real tokenizer works.
-    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=24),
-    "qwen3-0.6b": {},  # full size, for benchmarks
-}
-RANDOM_VAES: dict[str, dict[str, Any]] = {
-    "tiny": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),  # 8x downscale, 4 channels
-    "sdxl": {},
-}
+# "random:<preset>" names: the presets hdm_core builds its tiny test encoders from.
+RANDOM_TEXT_ENCODERS: dict[str, dict[str, Any]] = QWEN3_PRESETS   # "tiny" (xut-tiny's ctx_dim 48), "qwen3-0.6b"
+RANDOM_VAES: dict[str, dict[str, Any]] = VAE_PRESETS               # "tiny" (8x, 4 channels), "sdxl"
 
 
 def parse_random_spec(spec: str, presets: dict[str, dict]) -> tuple[dict[str, Any], int]:
@@ -65,8 +60,6 @@ def _seeded(seed: int, build: Any) -> Any:
 
 def build_text_encoder(source: str, dtype: torch.dtype, device: torch.device) -> Any:
     """A frozen hdm_core TextEncoder from a path or a "random:" spec."""
-    from hdm_core.text_encoder import TextEncoder, build_qwen3
-
     if not source:
         raise ValueError("model.text_encoder is empty; set it to the released checkpoint, a Qwen3-0.6B "
                          "safetensors file, or 'random:tiny' for a CPU test run")
@@ -79,8 +72,6 @@ def build_text_encoder(source: str, dtype: torch.dtype, device: torch.device) ->
 
 def build_vae(source: str, dtype: torch.dtype, device: torch.device) -> Any:
     """A frozen LatentVAE (or PixelSpace for "pixel") from a path or a "random:" spec."""
-    from hdm_core.vae import LatentVAE, PixelSpace, build_autoencoder
-
     if source == "pixel":
         return PixelSpace()
     if not source:

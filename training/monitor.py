@@ -1,20 +1,22 @@
-"""Rank-0 run monitoring: progress bar, CSV log, TensorBoard (optional), loss-curve PNG, sample grids."""
+"""Rank-0 run monitoring: progress bar, CSV log, TensorBoard (optional), loss-curve PNG (matplotlib), sample grids."""
 
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+import torch.distributed as dist
+from PIL import Image
 
-from hdm_core.flow import denoised_from_velocity
+from hdm_core.pipeline import image_grid, make_denoiser, seeded_noise, to_pil
 from hdm_core.rope import make_axial_pos
-from hdm_core.sampling import cfg_velocity, flow_sigmas, sample_euler
+from hdm_core.sampling import flow_sigmas, sample_euler
+
+from .recipe import Recipe
 
 CSV_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "skipped",
               "elapsed_s"]
@@ -89,70 +91,75 @@ class Monitor:
         plot_loss_curve(self.csv_path, self.run_dir / "loss.png")
 
 
+class Meter:
+    """Loss sum, micro-batches, samples and image tokens since the last `read`, which sums them over ranks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per step
+        self.micro_batches, self.samples, self.tokens = 0, 0, 0
+        self.start = time.time()
+
+    def add(self, loss: torch.Tensor, samples: int, tokens: int) -> None:
+        self.loss += loss.detach()
+        self.micro_batches, self.samples, self.tokens = self.micro_batches + 1, self.samples + samples, \
+            self.tokens + tokens
+
+    def read(self, world: int) -> dict[str, float]:
+        """Mean loss and throughput over all ranks (one all-reduce), then start a new window."""
+        counts = torch.tensor([self.micro_batches, self.samples, self.tokens], dtype=torch.float64,
+                              device=self.device)
+        stats = torch.cat((self.loss[None], counts))
+        if world > 1:
+            dist.all_reduce(stats)
+        elapsed = max(time.time() - self.start, 1e-9)
+        loss, micro_batches, samples, tokens = stats.tolist()
+        self.reset()
+        return {"loss": loss / max(micro_batches, 1), "samples_per_s": samples / elapsed,
+                "image_tokens_per_s": tokens / elapsed}
+
+
 def plot_loss_curve(csv_path: Path, out: Path) -> None:
-    """loss against step as a PNG: matplotlib when installed, else a plain PIL line plot."""
+    """loss against step as a PNG (skipped, with a note, when matplotlib is not installed)."""
     with Path(csv_path).open() as f:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
     if not rows:
         return
-    steps, losses = zip(*rows)
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot(steps, losses)
-        ax.set(xlabel="step", ylabel="loss", title=Path(csv_path).parent.name)
-        ax.grid(alpha=0.3)
-        fig.savefig(out, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return
     except ImportError:
-        pass
-    w, h, pad = 800, 450, 50
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = min(losses), max(losses)
-    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
-    pts = [(pad + (s - s0) / (s1 - s0) * (w - 2 * pad), h - pad - (v - lo) / ((hi - lo) or 1) * (h - 2 * pad))
-           for s, v in rows]
-    draw.rectangle((pad, pad, w - pad, h - pad), outline="gray")
-    if len(pts) > 1:
-        draw.line(pts, fill="blue", width=2)
-    draw.text((pad, 10), f"loss  max {hi:.4f}  min {lo:.4f}", fill="black")
-    draw.text((pad, h - pad + 10), f"step {s0} … {s1}", fill="black")
-    img.save(out)
+        print("matplotlib is not installed; no loss.png (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(*zip(*rows))
+    ax.set(xlabel="step", ylabel="loss", title=Path(csv_path).parent.name)
+    ax.grid(alpha=0.3)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 @torch.no_grad()
-def sample_grid(model: torch.nn.Module, text_encoder: Any, vae: Any, prompts: list[str], resolution: int,
-                steps: int, cfg: float, seed: int, max_length: int, autocast: Any) -> Image.Image:
-    """Euler + CFG samples of fixed prompts and seeds at the training resolution, as one grid image."""
+def sample_grid(model: torch.nn.Module, text_encoder: Any, vae: Any, recipe: Recipe, autocast: Any) -> Image.Image:
+    """Euler + CFG samples of run.sample_prompts (prompt i with seed run.sample_seed + i) at the training
+    resolution, as one grid image."""
+    rn, prompts = recipe.run, list(recipe.run.sample_prompts)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ctx = text_encoder.encode_padded(list(prompts) + [""], max_length=max_length).float()
-    cond, uncond = ctx[:-1], ctx[-1:].expand(len(prompts), -1, -1)
-    side = resolution // vae.downscale_factor
-    noise = torch.stack([torch.randn(vae.latent_channels, side, side, generator=torch.Generator().manual_seed(seed + i))
-                         for i in range(len(prompts))]).to(device)
+    ctx = text_encoder.encode_padded(prompts + [""], max_length=recipe.model.max_length).float()
+    side = recipe.data.resolution // vae.downscale_factor
     pos = make_axial_pos(side, side, device=device)[None]
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            v = model(torch.cat((x, x)), torch.cat((sigma, sigma)), torch.cat((cond, uncond)), pos_map=pos,
-                      aspect=torch.zeros(2 * len(prompts), device=device)).float()
-        v_c, v_u = v.chunk(2)
-        return denoised_from_velocity(x, cfg_velocity(v_c, v_u, cfg), sigma)
-
-    latents = sample_euler(denoise, noise, flow_sigmas(steps).to(device))
-    images = vae.decode(latents).cpu()  # (P, 3, H, W) in [0, 1]
+    denoise = make_denoiser(model, ctx[:-1], ctx[-1:], rn.sample_cfg, pos_map=pos,
+                            aspect=torch.zeros(len(prompts), device=device))
+    noise = seeded_noise((len(prompts), vae.latent_channels, side, side), rn.sample_seed).to(device)
+    with autocast():
+        latents = sample_euler(denoise, noise, flow_sigmas(rn.sample_steps).to(device))
+    images = vae.decode(latents.float()).cpu()  # (P, 3, H, W) in [0, 1]
     model.train(was_training)
-    cols = math.ceil(math.sqrt(len(prompts)))
-    rows = math.ceil(len(prompts) / cols)
-    size = images.shape[-1]
-    grid = Image.new("RGB", (cols * size, rows * size))
-    for i, im in enumerate(images):
-        arr = (im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        grid.paste(Image.fromarray(arr), ((i % cols) * size, (i // cols) * size))
-    return grid
+    return image_grid(to_pil(images), background="black")

@@ -8,6 +8,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .recipe import OptimSection
+
 
 def fan_in(p: torch.Tensor) -> int:
     """numel for vectors, in_features for Linear weights, prod(shape[1:]) for conv kernels and RoPE freqs."""
@@ -45,15 +47,19 @@ class WarmupCosine:
         return max(self.floor, self.floor + 0.5 * (1 - self.floor) * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                    base_dim: int, warmup: int, total: int, floor: float,
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the muP groups (fused on CUDA) and its LambdaLR schedule."""
-    groups = mup_param_groups(model, lr, weight_decay, base_dim)
+def lr_schedule(optim: OptimSection, total: int) -> WarmupCosine:
+    """The recipe's LR factor over `total` optimizer steps: the LR of step s is optim.lr · schedule(s)."""
+    return WarmupCosine(optim.warmup_steps, total, optim.min_lr_ratio)
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection,
+                    total: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the muP groups (fused on CUDA) and its LambdaLR schedule over `total` optimizer steps."""
+    groups = mup_param_groups(model, optim.lr, optim.weight_decay, optim.base_dim)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                            fused=True if on_cuda else None)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, floor))
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                            weight_decay=optim.weight_decay, fused=True if on_cuda else None)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, total))
 
 
 @torch.no_grad()

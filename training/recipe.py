@@ -1,24 +1,32 @@
 """Training recipes: one TOML file per stage, parsed into a `Recipe` dataclass. Unknown keys are an error.
 
-A recipe has a top-level `name`, an optional `notes` string, and five tables: [model], [data], [optim],
-[train], [run]. Overrides use dotted keys (`optim.lr=0.1`, `data.path="/data/set"`); values are parsed as
-TOML, and anything that is not valid TOML is taken as a string.
+A recipe has a top-level `name`, an optional `notes` string, and five tables: [model], [data] (with its
+[data.captions] sub-table), [optim], [train], [run]. Overrides use dotted keys (`optim.lr=0.1`,
+`data.path="/data/set"`, `data.captions.tag_dropout=0.1`); values are parsed as TOML, and anything that is not
+valid TOML is taken as a string. Each section checks its own ranges when it is built (`__post_init__`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hdm_core.weights import DTYPES
+
+from .data import CaptionRules
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(DTYPES)  # ("fp32", "bf16", "fp16")
+# The official trainer's caption augmentation: the [data.captions] defaults of a recipe.
+HDM_CAPTIONS = CaptionRules(tag_dropout=0.25, group_dropout=0.3, shuffle=True)
 
 
 @dataclass
@@ -34,6 +42,14 @@ class ModelSection:
     compile: bool = False
     encoder_dtype: str = "fp16"          # dtype of the frozen text encoder and VAE on GPU (fp32 on CPU)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tread_rate < 1.0:
+            raise ValueError(f"model.tread_rate {self.tread_rate} must be in [0, 1); 0 disables TREAD")
+        if self.max_length < 1:
+            raise ValueError(f"model.max_length {self.max_length} must be >= 1 (the official value is 256)")
+        if self.encoder_dtype not in PRECISIONS:
+            raise ValueError(f"model.encoder_dtype {self.encoder_dtype!r} must be one of {PRECISIONS}")
+
 
 @dataclass
 class DataSection:
@@ -42,17 +58,16 @@ class DataSection:
     bucketing: bool = False              # aspect-ratio buckets of ~resolution² area instead of square crops
     bucket_step: int = 64                # bucket side granularity in pixels
     bucket_max_ratio: float = 2.0        # longest/shortest side allowed for a bucket
-    keep_separator: str = "|||"          # text before it is always kept, in order
-    group_separator: str = "%%"
-    tag_separator: str = "$$"
-    tag_dropout: float = 0.25
-    group_dropout: float = 0.3
-    shuffle_tags: bool = True
-    caption_dropout: float = 0.0         # whole caption -> "" (for CFG); the official trainer has none
+    captions: CaptionRules = HDM_CAPTIONS  # [data.captions]: separators, tag/group dropout, shuffle, dropout
     workers: int = 8
     shuffle_buffer: int = 1000           # tar streams: samples held for shuffling within a rank
     num_samples: int = 0                 # tar streams: dataset size (0 = count the shards at start-up)
     cache: str = ""                      # folder written by `python -m training.cache` (latents, text)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 2 or self.resolution % 2:
+            raise ValueError(f"data.resolution {self.resolution} must be an even number of pixels (a multiple "
+                             f"of 16 with a VAE)")
 
 
 @dataclass
@@ -66,6 +81,13 @@ class OptimSection:
     min_lr_ratio: float = 0.01           # cosine ends at this fraction of the peak
     grad_clip: float = 3.0               # global L2 norm; 0 = off
 
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas {self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.995]")
+        if self.lr <= 0 or self.base_dim < 1 or self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim: lr {self.lr} must be > 0, base_dim {self.base_dim} >= 1, warmup_steps "
+                             f"{self.warmup_steps} >= 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
+
 
 @dataclass
 class TrainSection:
@@ -77,6 +99,18 @@ class TrainSection:
     precision: str = "bf16"              # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
     ema_decay: float = 0.0               # 0 = no EMA
     seed: int = 20090220
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision {self.precision!r} must be one of {PRECISIONS}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"train.batch_size {self.batch_size} and train.grad_accum {self.grad_accum} must "
+                             f"be >= 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay {self.ema_decay} must be in [0, 1); 0 disables EMA (DiT uses "
+                             f"0.9999)")
 
 
 @dataclass
@@ -92,6 +126,12 @@ class RunSection:
     sample_seed: int = 0
     tensorboard: bool = True
     export_dtype: str = "fp16"           # dtype of the released-layout export written at the end
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in PRECISIONS:
+            raise ValueError(f"run.export_dtype {self.export_dtype!r} must be one of {PRECISIONS}")
+        if self.keep_last < 1 or self.save_every < 1 or self.log_every < 1:
+            raise ValueError("run.keep_last, run.save_every and run.log_every must be >= 1")
 
 
 @dataclass
@@ -116,24 +156,36 @@ _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "optim": OptimSe
                     "train": TrainSection, "run": RunSection}
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def _sub_tables(section: Any) -> dict[str, set[str]]:
+    """The keys of each dataclass-valued field of a section (its sub-tables, e.g. data.captions)."""
+    return {f.name: {g.name for g in dataclasses.fields(getattr(section, f.name))}
+            for f in dataclasses.fields(section) if dataclasses.is_dataclass(getattr(section, f.name))}
+
+
+def _build(defaults: Any, values: dict, table: str, where: str) -> Any:
+    """`defaults` with `values` replaced, each checked against the type of its default; a dataclass default
+    is a sub-table (e.g. [data.captions]) built the same way. The section's own range checks then run."""
+    fields = sorted(f.name for f in dataclasses.fields(defaults))
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys are {sorted(fields)}")
+        hint = "".join(f"; {sorted(set(unknown) & keys)} belong in [{table}.{name}]"
+                       for name, keys in _sub_tables(defaults).items() if set(unknown) & keys)
+        raise ValueError(f"unknown key(s) {unknown} in [{table}] of {where}; allowed keys are {fields}{hint}")
     out = {}
     for key, value in values.items():
-        default = fields[key].default if fields[key].default is not dataclasses.MISSING \
-            else fields[key].default_factory()
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{where}.{key} must be true or false, got {value!r}")
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"[{table}.{key}] in {where} must be a table, got {value!r}")
+            value = _build(default, value, f"{table}.{key}", where)
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{table}.{key} in {where} must be true or false, got {value!r}")
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(default, bool) and type(default) in (int, float, str, list, dict) \
-                and not isinstance(value, type(default)):
-            raise ValueError(f"{where}.{key} must be of type {type(default).__name__}, got {value!r}")
+        elif type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
+            raise ValueError(f"{table}.{key} in {where} must be of type {type(default).__name__}, got {value!r}")
         out[key] = value
-    return cls(**out)
+    return dataclasses.replace(defaults, **out)
 
 
 def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
@@ -149,10 +201,8 @@ def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
         value = d.get(name, {})
         if not isinstance(value, dict):
             raise ValueError(f"[{name}] in {where} must be a table, got {value!r}")
-        sections[name] = _build(cls, value, f"[{name}] of {where}")
-    recipe = Recipe(**top, **sections)
-    validate(recipe)
-    return recipe
+        sections[name] = _build(cls(), value, name, where)
+    return Recipe(**top, **sections)
 
 
 def parse_value(raw: str) -> Any:
@@ -173,7 +223,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(d: dict, overrides: Iterable[str]) -> dict:
     """Apply dotted-key overrides to a nested recipe dict (a copy)."""
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    d = copy.deepcopy(d)
     for text in overrides:
         path, value = parse_override(text)
         node = d
@@ -186,43 +236,10 @@ def apply_overrides(d: dict, overrides: Iterable[str]) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read a recipe TOML, apply overrides, validate."""
+    """Read a recipe TOML, apply overrides, build (and so validate) the Recipe."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found; the shipped ones are in training/recipes/")
     with path.open("rb") as f:
         d = tomllib.load(f)
     return recipe_from_dict(apply_overrides(d, overrides), where=str(path))
-
-
-def validate(r: Recipe) -> None:
-    """Check values that would otherwise fail deep inside training; messages name the value and the fix."""
-    m, dt, o, t = r.model, r.data, r.optim, r.train
-    if not 0.0 <= m.tread_rate < 1.0:
-        raise ValueError(f"model.tread_rate {m.tread_rate} must be in [0, 1); 0 disables TREAD")
-    if m.max_length < 1:
-        raise ValueError(f"model.max_length {m.max_length} must be >= 1 (the official value is 256)")
-    if t.precision not in PRECISIONS or m.encoder_dtype not in PRECISIONS:
-        raise ValueError(f"train.precision {t.precision!r} / model.encoder_dtype {m.encoder_dtype!r} must be "
-                         f"one of {PRECISIONS}")
-    if r.run.export_dtype not in PRECISIONS:
-        raise ValueError(f"run.export_dtype {r.run.export_dtype!r} must be one of {PRECISIONS}")
-    if dt.resolution < 2 or dt.resolution % 2:
-        raise ValueError(f"data.resolution {dt.resolution} must be an even number of pixels (a multiple of 16 "
-                         f"with a VAE)")
-    for name in ("tag_dropout", "group_dropout", "caption_dropout"):
-        if not 0.0 <= getattr(dt, name) <= 1.0:
-            raise ValueError(f"data.{name} {getattr(dt, name)} must be a probability in [0, 1]")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ValueError(f"optim.betas {o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.995]")
-    if o.lr <= 0 or o.base_dim < 1 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ValueError(f"optim: lr {o.lr} must be > 0, base_dim {o.base_dim} >= 1, warmup_steps "
-                         f"{o.warmup_steps} >= 0 and min_lr_ratio {o.min_lr_ratio} in [0, 1]")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ValueError(f"train.batch_size {t.batch_size} and train.grad_accum {t.grad_accum} must be >= 1")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise ValueError("set train.epochs > 0 or train.max_steps > 0")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay {t.ema_decay} must be in [0, 1); 0 disables EMA (DiT uses 0.9999)")
-    if r.run.keep_last < 1 or r.run.save_every < 1 or r.run.log_every < 1:
-        raise ValueError("run.keep_last, run.save_every and run.log_every must be >= 1")

@@ -1,4 +1,4 @@
-"""Process-level plumbing for the trainer: process group, per-step seeds, stop signals, gathers."""
+"""Process-level plumbing for the trainer: process group, seed mixing, stop signals, gathers."""
 
 from __future__ import annotations
 
@@ -24,9 +24,19 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """A distinct, reproducible seed per (rank, optimizer step, micro-batch): resume needs no RNG stream."""
-    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + micro) % (2**63)
+SEED_PRIME = 1_000_003
+
+
+def mix_seed(*parts: int) -> int:
+    """One seed from several integers: (((p0·P + p1)·P + p2)·P + …) mod 2⁶³ with P = 1,000,003.
+
+    The trainer's randomness is a pure function of such seeds, e.g. (seed, epoch) for the data order and
+    (seed, rank, step, micro-batch) for the noise of a micro-batch, so a resumed run needs no RNG stream.
+    """
+    mixed = 0
+    for part in parts:
+        mixed = mixed * SEED_PRIME + part
+    return mixed % 2**63
 
 
 class StopRequest:

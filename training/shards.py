@@ -9,6 +9,7 @@ restarts the worker round-robin at the slot that was next.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import logging
@@ -21,20 +22,24 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTS, SampleSpec, collate, make_sample, nearest_bucket, open_image
+from .data import IMAGE_EXTS, Batch, BatchPlan, SampleSpec, collate, make_sample, nearest_bucket, open_image
+from .recipe import DataSection
+from .runtime import mix_seed
 
 log = logging.getLogger("training.shards")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
 
 
 def expand_shards(spec: str) -> list[str]:
-    """'a/{000..009}.tar', 'a/*.tar' or a comma-separated list of those → sorted shard paths."""
+    """'a/{000..009}.tar', 'a/{x,y}.tar', 'a/*.tar' or a comma-separated list of those → shard paths.
+
+    Braces expand as in bash and WebDataset (`braceexpand`, zero-padded ranges kept); globs are sorted.
+    """
+    from braceexpand import braceexpand  # here, so folder-only installs need not have it
+
     out: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
-        names = [part[:m.start()] + str(i).zfill(len(m.group(1))) + part[m.end():]
-                 for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m else [part]
-        for name in names:
+    for part in (p.strip() for p in re.split(r",(?![^{]*\})", spec) if p.strip()):  # commas outside braces
+        for name in braceexpand(part):
             out.extend(sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name])
     if not out:
         raise FileNotFoundError(f"data.path {spec!r} matches no tar shards; use e.g. 'shards/*.tar' or "
@@ -82,15 +87,13 @@ def count_samples(shards: list[str]) -> int:
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated batches for one rank; loader worker k serves slot (shift + k) % slots."""
 
-    def __init__(self, shards: list[str], spec: SampleSpec, seed: int, batch_size: int, rank: int, world: int,
-                 slots: int, buckets: list[tuple[int, int]] | None, shuffle_buffer: int,
+    def __init__(self, shards: list[str], spec: SampleSpec, plan: BatchPlan, slots: int, shuffle_buffer: int,
                  state: dict | None = None) -> None:
         super().__init__()
-        if len(shards) < world:
-            raise ValueError(f"{len(shards)} tar shards cannot feed {world} ranks; split the data into at least "
-                             f"{world} shards (ideally many per rank and worker)")
-        self.shards, self.spec, self.seed, self.batch_size = shards, spec, seed, batch_size
-        self.rank, self.world, self.slots, self.buckets = rank, world, slots, buckets
+        if len(shards) < plan.world:
+            raise ValueError(f"{len(shards)} tar shards cannot feed {plan.world} ranks; split the data into at "
+                             f"least {plan.world} shards (ideally many per rank and worker)")
+        self.shards, self.spec, self.plan, self.slots = shards, spec, plan, slots
         self.shuffle_buffer = max(1, shuffle_buffer)
         if state is not None and state["slots"] and len(state["slots"]) != slots:
             raise ValueError(f"the checkpoint's data stream used {len(state['slots'])} loader workers, this run "
@@ -98,11 +101,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.slot_state = state["slots"] if state else [[0, 0] for _ in range(slots)]
         self.shift = state["next_slot"] if state else 0
 
-    def _samples(self, slot: int, epoch: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+    def samples(self, slot: int, epoch: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, {extension: bytes}) of one slot's shards in one epoch, in reading (shuffle-buffer) order."""
+        seed, rank, world = self.plan.seed, self.plan.rank, self.plan.world
+        g = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
-        mine = order[self.rank::self.world][slot::self.slots]
-        rng, buffer = random.Random(f"{self.seed}/{self.rank}/{slot}/{epoch}/buffer"), []
+        mine = order[rank::world][slot::self.slots]
+        rng, buffer = random.Random(f"{seed}/{rank}/{slot}/{epoch}/buffer"), []
         for path in mine:
             for sample in iter_tar(path):
                 buffer.append(sample)
@@ -118,47 +123,49 @@ class ShardStream(torch.utils.data.IterableDataset):
         pending: dict[Any, list] = {}
         bad = 0
         res = self.spec.resolution
-        for key, files in self._samples(slot, epoch):
+        for key, files in self.samples(slot, epoch):
             size = (res, res)
-            if self.buckets is not None:
+            if self.plan.buckets is not None:
                 try:
                     with Image.open(io.BytesIO(_image_of(files) or b"")) as img:
-                        size = nearest_bucket(self.buckets, img.height, img.width)
+                        size = nearest_bucket(self.plan.buckets, img.height, img.width)
                 except Exception:  # noqa: BLE001
                     bad += 1
                     log.warning("skipping unreadable image %s", key)
                     continue
             group = pending.setdefault(size, [])
             group.append((key, files))
-            if len(group) == self.batch_size:
+            if len(group) == self.plan.batch_size:
                 yield size, pending.pop(size), bad
                 bad = 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _decode(self, group: list, size: tuple[int, int], epoch: int) -> tuple[list, int]:
+        """(samples, unreadable) of a planned batch; an unreadable image is dropped and counted."""
+        samples, unreadable = [], 0
+        for key, files in group:
+            rng = random.Random(f"{self.plan.seed}/{epoch}/{key}")
+            try:
+                caption = files.get("txt", b"").decode("utf-8", errors="replace")
+                samples.append(make_sample(open_image(_image_of(files)), caption, size, self.spec, rng))
+            except Exception as err:  # noqa: BLE001
+                log.warning("skipping unreadable image %s (%s: %s)", key, type(err).__name__, err)
+                unreadable += 1
+        return samples, unreadable
+
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         slot = (self.shift + (info.id if info else 0)) % self.slots
         epoch, skip = self.slot_state[slot]
-        if not self.shards[self.rank::self.world][slot::self.slots]:
+        if not self.shards[self.plan.rank::self.plan.world][slot::self.slots]:
             return
         while True:
             for index, (size, group, bad) in enumerate(self._planned(slot, epoch)):
                 if index < skip:
                     continue
-                samples, skipped, keys = [], [], []
-                for key, files in group:
-                    rng = random.Random(f"{self.seed}/{epoch}/{key}")
-                    try:
-                        caption = files.get("txt", b"").decode("utf-8", errors="replace")
-                        samples.append(make_sample(open_image(_image_of(files)), caption, size, self.spec, rng))
-                        keys.append(key)
-                    except Exception as err:  # noqa: BLE001
-                        log.warning("skipping unreadable image %s (%s: %s)", key, type(err).__name__, err)
-                        skipped.append(key)
+                samples, unreadable = self._decode(group, size, epoch)
                 if samples:
-                    batch = collate(samples)
-                    batch["skipped"], batch["skipped_files"] = bad + len(skipped), skipped
-                    batch["position"], batch["keys"] = (slot, epoch, index), keys
-                    yield batch
+                    yield dataclasses.replace(collate(samples), skipped=bad + unreadable,
+                                              position=(slot, epoch, index))
             epoch, skip = epoch + 1, 0
 
 
@@ -172,12 +179,22 @@ class ShardSource:
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                   prefetch_factor=4 if workers > 0 else None)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            slot, epoch, index = batch["position"]
+            slot, epoch, index = batch.position
             self.slots[slot] = [epoch, index + 1]
             self.next_slot = (slot + 1) % len(self.slots)
             yield batch
 
     def state(self) -> dict:
         return {"slots": [list(s) for s in self.slots], "next_slot": self.next_slot}
+
+
+def open_shards(d: DataSection, spec: SampleSpec, plan: BatchPlan, state: dict | None) -> tuple[ShardSource, int]:
+    """The rank's source over the tar shards of data.path and its micro-batches per epoch (from data.num_samples
+    or a count of the shards)."""
+    shards = expand_shards(d.path)
+    slots = max(1, min(d.workers, len(shards) // plan.world))
+    stream = ShardStream(shards, spec, plan, slots, d.shuffle_buffer, state)
+    num_samples = d.num_samples or count_samples(shards)
+    return ShardSource(stream, slots if d.workers > 0 else 0), max(1, num_samples // (plan.batch_size * plan.world))
