@@ -70,8 +70,9 @@ def make_batch(batch: int, res: int, factor: int) -> Batch:
 
 
 def bench_variant(cfg, te, vae, batch: Batch, device: torch.device, precision: str, tread: float, compile_: bool,
-                  cached: bool, max_length: int, steps: int, warmup: int, grad_ckpt: bool) -> float:
-    """Seconds per training step (median of `steps` after `warmup`)."""
+                  cached: bool, max_length: int, steps: int, warmup: int, grad_ckpt: bool, *,
+                  backend: str = "inductor") -> float:
+    """Seconds per training step (median of `steps` after `warmup`); `backend` is torch.compile's."""
     torch.manual_seed(0)
     model = XUT(cfg, device=device)
     model.init_for_training()
@@ -79,7 +80,7 @@ def bench_variant(cfg, te, vae, batch: Batch, device: torch.device, precision: s
     model.train()
     section = ModelSection(tread_rate=tread, max_length=max_length)
     opt, sched = build_optimizer(model, OptimSection(warmup_steps=0), 1000)  # lr 0.5, betas (0.9, 0.98), wd 0.02
-    step_model = torch.compile(model) if compile_ else model
+    step_model = torch.compile(model, backend=backend) if compile_ else model
     autocast = lambda: torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")  # noqa: E731
     batch = batch.to(device)
     if cached:  # encoders out of the loop: what a latent + text cache would feed
@@ -95,7 +96,7 @@ def bench_variant(cfg, te, vae, batch: Batch, device: torch.device, precision: s
         sync(device)
         start = time.perf_counter()
         gen = torch.Generator(device).manual_seed(i)
-        loss = training_loss(step_model, batch, te, vae, section, gen, autocast)
+        loss = training_loss(step_model, batch, te, vae, section, gen, autocast, model.config.patch_size)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -2,11 +2,20 @@
 
 from .config import PRESETS, TreadConfig, XUTConfig, infer_config
 from .rope import aspect_info, camera_pos, camera_position_map, crop_pos, downsample_pos, make_axial_pos
-from .tread import keep_count, random_keep_mask, restore_tokens, select_tokens
+from .tread import (
+    gather_tokens,
+    keep_count,
+    keep_index,
+    random_keep_index,
+    random_keep_mask,
+    restore_tokens,
+    select_tokens,
+)
 from .xut import XUT
 
 __all__ = [
     "PRESETS", "TreadConfig", "XUTConfig", "infer_config", "XUT",
     "aspect_info", "camera_pos", "camera_position_map", "crop_pos", "downsample_pos", "make_axial_pos",
-    "keep_count", "random_keep_mask", "restore_tokens", "select_tokens",
+    "gather_tokens", "keep_count", "keep_index", "random_keep_index", "random_keep_mask", "restore_tokens",
+    "select_tokens",
 ]

@@ -55,6 +55,8 @@ class SafetensorsFile(Mapping):
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
         self.path, self.dtype = Path(path), None
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a folder; pass the .safetensors file inside it")
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
         self._tensors, self.metadata = None, {}

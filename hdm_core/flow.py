@@ -6,6 +6,8 @@ so x0 = x_t − t·v.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -44,6 +46,6 @@ def sample_t_logit_normal(n: int, *, mean: float = 0.0, std: float = 1.0, genera
 
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Resolution shift σ = s·t / (1 + (s − 1)·t), as ComfyUI's ModelSamplingDiscreteFlow (s = 1: identity)."""
-    if shift <= 0:
-        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    if not 0 < shift < math.inf:  # NaN fails too
+        raise ValueError(f"schedule shift must be a finite number > 0, got {shift}")
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)

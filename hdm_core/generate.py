@@ -11,16 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_components
+from .images import open_rgb
 from .pipeline import GenerationParams, generate, to_pil
 from .sampling import SAMPLERS, SamplingCancelled
-from .weights import DTYPES
+from .weights import DTYPES, atomic_write
 
 
 def default_device() -> str:
+    """cuda if available, else mps, else cpu."""
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -28,72 +32,143 @@ def default_device() -> str:
     return "cpu"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; an option whose default is None says in its own help what None means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        if action.default == "":
+            return f"{action.help} (default: empty)"
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hdm_core.generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     src = p.add_argument_group("model files (a single file, or split parts that override it)")
-    src.add_argument("--checkpoint", help="single-file HDM checkpoint (unet.model.*, te.*, vae.*)")
-    src.add_argument("--diffusion-model", help="XUT weights only")
-    src.add_argument("--text-encoder", help="Qwen3-0.6B safetensors")
-    src.add_argument("--vae", help="EQ-SDXL-VAE safetensors (diffusers names)")
+    src.add_argument("--checkpoint", help="single-file HDM checkpoint (unet.model.*, te.*, vae.*); "
+                                          "needed unless --diffusion-model is given")
+    src.add_argument("--diffusion-model", help="XUT weights only (default: the XUT of --checkpoint)")
+    src.add_argument("--text-encoder", help="Qwen3-0.6B safetensors (default: the one in --checkpoint)")
+    src.add_argument("--vae", help="EQ-SDXL-VAE safetensors, diffusers names (default: the one in --checkpoint)")
     src.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt files (they can run code)")
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--steps", type=int, default=32)
-    g.add_argument("--cfg", type=float, default=3.0)
-    g.add_argument("--sampler", choices=sorted(SAMPLERS), default="euler")
+    g.add_argument("--prompt", required=True, help="what to draw (required)")
+    g.add_argument("--negative-prompt", default="", help="what to steer away from (the uncond pass of CFG)")
+    g.add_argument("--width", type=int, default=1024, help="image width in px (rounded down to a multiple of 16)")
+    g.add_argument("--height", type=int, default=1024, help="image height in px (rounded down to a multiple of 16)")
+    g.add_argument("--steps", type=int, default=32, help="sampling steps")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
+    g.add_argument("--sampler", choices=sorted(SAMPLERS), default="euler", help="euler is the official sampler")
     g.add_argument("--shift", type=float, default=1.0, help="schedule shift (1 = official uniform schedule)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    g.add_argument("--batch-size", type=int, default=1, help="images generated at once")
     g.add_argument("--x-shift", type=float, default=0.0, help="camera: positive moves right")
     g.add_argument("--y-shift", type=float, default=0.0, help="camera: positive moves down")
     g.add_argument("--zoom", type=float, default=1.0, help="camera: > 1 zooms in")
     g.add_argument("--tread-gamma-cond", type=float, default=0.0, help="TREAD rate of the cond pass (0 = off)")
-    g.add_argument("--tread-gamma-uncond", type=float, default=0.0, help="TREAD rate of the uncond pass")
-    g.add_argument("--init-image", help="img2img source image")
-    g.add_argument("--strength", type=float, default=1.0, help="img2img denoise strength")
+    g.add_argument("--tread-gamma-uncond", type=float, default=0.0, help="TREAD rate of the uncond pass (0 = off)")
+    g.add_argument("--init-image", help="img2img source image (default: none, text-to-image)")
+    g.add_argument("--strength", type=float, default=1.0, help="img2img denoise strength (1 = ignore the image)")
+    g.add_argument("--max-prompt-tokens", type=int, help="cut longer prompts to this many tokens (default: no limit; "
+                                                         "HDM was trained on up to 256)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=default_device())
-    r.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    r.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on GPU, fp32 on CPU)")
     r.add_argument("--compile", action="store_true", help="torch.compile the diffusion model")
     r.add_argument("--out", default="outputs", help="output folder")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check everything that can be checked, load, sample, write; user errors are one line and exit code 2."""
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.float16)
-    comps = load_components(args.checkpoint, diffusion_model=args.diffusion_model, text_encoder=args.text_encoder,
-                            vae=args.vae, dtype=dtype, device=args.device, allow_pickle=args.allow_pickle)
-    if args.compile:
-        comps.model = torch.compile(comps.model)
+    try:
+        params, device, init = prepare(args)
+        start = time.perf_counter()
+        comps = load_components(args.checkpoint, diffusion_model=args.diffusion_model, text_encoder=args.text_encoder,
+                                vae=args.vae, dtype=pick_dtype(args.dtype, device), device=device,
+                                allow_pickle=args.allow_pickle)
+        print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if args.compile:
+            comps.model = torch.compile(comps.model)
+        images = sample(comps, params, init)
+        save_pngs(to_pil(images), params, Path(args.out))
+    except (KeyboardInterrupt, SamplingCancelled):
+        print("cancelled; nothing written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> tuple[GenerationParams, str, torch.Tensor | None]:
+    """Everything checked before a model is loaded: parameters, device, output folder, init image."""
     params = GenerationParams(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift, seed=args.seed,
         batch_size=args.batch_size, x_shift=args.x_shift, y_shift=args.y_shift, zoom=args.zoom,
         tread_gamma_cond=args.tread_gamma_cond, tread_gamma_uncond=args.tread_gamma_uncond,
-        strength=args.strength)
+        strength=args.strength, max_prompt_tokens=args.max_prompt_tokens).validate()
+    if params.strength < 1.0 and not args.init_image:
+        raise ValueError(f"--strength {params.strength} needs --init-image (img2img); without it leave strength at 1")
+    device = check_device(args.device or default_device())
+    check_writable(Path(args.out))
     init = None
     if args.init_image:
-        import numpy as np
-        from PIL import Image
-
-        img = Image.open(args.init_image).convert("RGB").resize((args.width, args.height), Image.LANCZOS)
+        img = open_rgb(args.init_image).resize((params.width, params.height), Image.LANCZOS)
         init = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    return params, device, init
 
+
+def pick_dtype(name: str | None, device: str) -> torch.dtype:
+    return DTYPES[name] if name else (torch.float32 if device == "cpu" else torch.float16)
+
+
+def check_device(device: str) -> str:
+    """The device name, if this machine has it; else ValueError saying which devices it has."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device name ({err}); use cuda, mps or cpu") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        have = ", ".join(k for k, ok in available.items() if ok)
+        raise ValueError(f"--device {device}: this machine has no {kind} device (available: {have})")
+    return device
+
+
+def check_writable(out: Path) -> None:
+    """Create the output folder and prove a file can be written there, before any model is loaded."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hdm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the output folder {out}: {err.strerror or err}; choose another --out") from None
+
+
+def sample(comps: object, params: GenerationParams, init: torch.Tensor | None) -> torch.Tensor:
     start = time.perf_counter()
-    with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
-        try:
-            images = generate(comps, params, init_image=init, callback=lambda _: bar.update())
-        except (KeyboardInterrupt, SamplingCancelled):
-            bar.write("cancelled; nothing written", file=sys.stderr)
-            return 130
+    with tqdm(total=params.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+        images = generate(comps, params, init_image=init, callback=lambda _: bar.update())
     print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    save_pngs(to_pil(images), params, Path(args.out))
-    return 0
+    return images
+
+
+def parameters_text(params: GenerationParams, seed: int, width: int, height: int) -> str:
+    """The PNG "parameters" text: prompt, negative prompt and one line of settings (A1111-style)."""
+    settings = [f"Steps: {params.steps}", f"Sampler: {params.sampler}", f"CFG scale: {params.cfg}", f"Seed: {seed}",
+                f"Size: {width}x{height}", f"Shift: {params.shift}", f"X shift: {params.x_shift}",
+                f"Y shift: {params.y_shift}", f"Zoom: {params.zoom}", f"TREAD gamma cond: {params.tread_gamma_cond}",
+                f"TREAD gamma uncond: {params.tread_gamma_uncond}"]
+    if params.strength < 1:
+        settings.append(f"Denoising strength: {params.strength}")
+    return f"{params.prompt}\nNegative prompt: {params.negative_prompt}\n" + ", ".join(settings)
 
 
 def save_pngs(images: list, params: GenerationParams, out: Path) -> list[Path]:
@@ -105,14 +180,12 @@ def save_pngs(images: list, params: GenerationParams, out: Path) -> list[Path]:
     for i, image in enumerate(images):
         meta = PngInfo()
         info = params.to_dict() | {"seed": params.seed + i, "batch_index": i}
-        meta.add_text("parameters", f"{params.prompt}\nNegative prompt: {params.negative_prompt}\n"
-                      f"Steps: {params.steps}, Sampler: {params.sampler}, CFG scale: {params.cfg}, "
-                      f"Seed: {params.seed + i}, Size: {image.width}x{image.height}")
-        meta.add_text("hdm", json.dumps(info))
+        meta.add_text("parameters", parameters_text(params, params.seed + i, image.width, image.height))
+        meta.add_text("hdm", json.dumps(info, allow_nan=False))
         n = 0
         while (path := out / f"hdm_{params.seed + i:010d}_{n:03d}.png").exists():
             n += 1
-        image.save(path, pnginfo=meta)
+        atomic_write(path, lambda tmp, image=image, meta=meta: image.save(tmp, format="PNG", pnginfo=meta))
         paths.append(path)
         print(path)
     return paths

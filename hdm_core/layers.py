@@ -64,10 +64,10 @@ class SelfAttention(nn.Module):
         self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
         self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 × (B, H, S, d)
         cos, sin = self.rope.cos_sin(pos, q.dtype)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
         return self.out(y.transpose(1, 2).flatten(2))
 
 
@@ -82,11 +82,12 @@ class CrossAttention(nn.Module):
         self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
         self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)                       # (B, H, S, d)
         k, v = self.kv(memory).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 2 × (B, H, S, d)
         cos, sin = self.rope.cos_sin(pos, q.dtype)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
         return self.out(y.transpose(1, 2).flatten(2))
 
 
@@ -121,14 +122,23 @@ class Block(nn.Module):
         return hasattr(self, "xattn")
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation],
-                memory: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: which keys to attend to, [B, 1, 1, S] (see `key_padding_mask`), or None for all."""
         u = self.attn_pre_norm(x, mods["attn"])
-        x = torch.addcmul(u, self.attn(u, pos), mods["attn"].gate1)
+        x = torch.addcmul(u, self.attn(u, pos, mask), mods["attn"].gate1)
         if self.has_cross:
             u = self.xattn_pre_norm(x, mods["xattn"])
-            x = torch.addcmul(u, self.xattn(u, memory, pos), mods["xattn"].gate1)
+            x = torch.addcmul(u, self.xattn(u, memory, pos, mask), mods["xattn"].gate1)
         u = self.mlp_pre_norm(x, mods["ffw"])
         return torch.addcmul(u, self.mlp(u), mods["ffw"].gate1)
+
+
+def key_padding_mask(ctx_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """Attention mask [B, 1, 1, K + L] over a sequence of K image tokens then L text tokens: True (attend) on
+    image tokens and real text tokens (ctx_mask [B, L] True), False on padded text tokens. Boolean, so SDPA
+    applies it in the query's dtype (autocast included)."""
+    image = ctx_mask.new_ones(ctx_mask.shape[0], image_tokens, dtype=torch.bool)
+    return torch.cat((image, ctx_mask.bool()), dim=1)[:, None, None]
 
 
 class TimestepEmbedding(nn.Module):

@@ -109,9 +109,13 @@ def xut_part(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None 
             f"'{UNET_PREFIX}in_patch.proj.weight' (the released single file, {RELEASED_FILE}) or "
             f"'in_patch.proj.weight' (a diffusion-model-only file)")
     xut = strip_prefix(sd, prefix)
-    if metadata and CONFIG_METADATA_KEY in metadata:
+    if not metadata or CONFIG_METADATA_KEY not in metadata:
+        return xut, infer_config(xut)
+    try:
         return xut, XUTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-    return xut, infer_config(xut)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"the XUT config in the metadata of {name} ('{CONFIG_METADATA_KEY}') is not usable "
+                              f"({err}); fix it, or remove that key to infer the config from the weights") from err
 
 
 def find_text_encoder(keys: Iterable[str]) -> str | None:

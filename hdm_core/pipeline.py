@@ -14,7 +14,7 @@ from .checkpoint import HDMComponents
 from .config import latent_size
 from .flow import denoised_from_velocity, interpolate
 from .rope import aspect_info, camera_position_map
-from .sampling import SAMPLERS, cfg_velocity, flow_sigmas
+from .sampling import MAX_STEPS, SAMPLERS, cfg_velocity, flow_sigmas
 
 
 @dataclass
@@ -37,9 +37,61 @@ class GenerationParams:
     tread_gamma_cond: float = 0.0
     tread_gamma_uncond: float = 0.0
     strength: float = 1.0  # img2img denoise; 1 = text-to-image
+    max_prompt_tokens: int | None = None  # cut longer prompts (None: never; HDM was trained on up to 256)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self) -> GenerationParams:
+        """Raise ValueError naming the first unusable value and its valid range; cheap, so run it before loading."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            if not isinstance(text, str):
+                raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes read with surrogateescape
+                raise ValueError(f"{name} is not valid UTF-8 text ({err.reason} at {err.start}); re-save it as "
+                                 f"UTF-8") from None
+        _whole(self, "width", 1, MAX_SIDE)
+        _whole(self, "height", 1, MAX_SIDE)
+        _whole(self, "steps", 1, MAX_STEPS)
+        _whole(self, "batch_size", 1, MAX_BATCH)
+        _whole(self, "seed", 0, 2**64 - self.batch_size)
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(f"{self.width}x{self.height} is {self.width * self.height / 1e6:.0f} megapixels, above "
+                             f"the {MAX_PIXELS / 1e6:.1f} MP limit (HDM is trained at 1 MP); generate at 1 MP and "
+                             f"upscale, or raise hdm_core.pipeline.MAX_PIXELS if you have the memory")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        _number(self, "cfg", 0.0, 100.0)
+        _number(self, "shift", 0.01, 100.0)
+        _number(self, "x_shift", -100.0, 100.0)
+        _number(self, "y_shift", -100.0, 100.0)
+        _number(self, "zoom", 1e-3, 1e3)
+        _number(self, "tread_gamma_cond", 0.0, 0.99)
+        _number(self, "tread_gamma_uncond", 0.0, 0.99)
+        _number(self, "strength", 1e-3, 1.0)
+        if self.max_prompt_tokens is not None:
+            _whole(self, "max_prompt_tokens", 1, 1_000_000)
+        return self
+
+
+MAX_SIDE = 16_384           # pixels per side
+MAX_PIXELS = 4096 * 4096    # per image; HDM is trained at about 1 MP
+MAX_BATCH = 256
+
+
+def _whole(params: GenerationParams, name: str, low: int, high: int) -> None:
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+
+
+def _number(params: GenerationParams, name: str, low: float, high: float) -> None:
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -49,13 +101,22 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def make_denoiser(model: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float, *,
-                  pos_map: torch.Tensor, aspect: torch.Tensor, gamma_cond: float = 0.0, gamma_uncond: float = 0.0,
-                  generator: torch.Generator | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                  pos_map: torch.Tensor | None, aspect: torch.Tensor, gamma_cond: float = 0.0,
+                  gamma_uncond: float = 0.0, generator: torch.Generator | None = None,
+                  batch_cfg: bool | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A k-diffusion denoiser x, σ → x0 with CFG on the velocity and per-branch TREAD rates (0 = off).
 
-    cond / uncond [1, L, D] contexts are never padded into each other (their lengths may differ).
+    cond / uncond: contexts [1 or B, L, D]; their lengths may differ. batch_cfg: run both branches as one
+    forward of twice the batch, the shorter context zero-padded and hidden from attention by `ctx_mask` (the
+    result equals two calls to float rounding); None = `batch_cfg_default`. With TREAD on either branch the
+    branches always run separately (each draws its own routing from `generator`, in order).
     """
     dtype = next(model.parameters()).dtype
+    guided = uncond is not None and cfg != 1.0
+    if batch_cfg is None and guided:
+        batch_cfg = batch_cfg_default(next(model.parameters()).device, masked=cond.shape[1] != uncond.shape[1])
+    if guided and batch_cfg and not (gamma_cond or gamma_uncond):
+        return _batched_cfg_denoiser(model, dtype, cond, uncond, cfg, pos_map, aspect)
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor, gamma: float) -> torch.Tensor:
         v = model(x.to(dtype), sigma.to(dtype), ctx.expand(x.shape[0], -1, -1), pos_map=pos_map, aspect=aspect,
@@ -64,9 +125,51 @@ def make_denoiser(model: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tens
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         v = velocity(x, sigma, cond, gamma_cond)
-        if uncond is not None and cfg != 1.0:
+        if guided:
             v = cfg_velocity(v, velocity(x, sigma, uncond, gamma_uncond), cfg)
         return denoised_from_velocity(x, v, sigma)
+
+    return denoise
+
+
+def batch_cfg_default(device: torch.device, masked: bool) -> bool:
+    """Whether `make_denoiser` batches the CFG branches by default: always when both contexts have one length
+    (no mask); with a mask on CPU, where it measured 1.0–1.3× faster (BENCHMARKS.md, "Batched CFG"), but not
+    on CUDA, where the mask rules out the flash-attention kernel (bench/gpu_check.py measures both)."""
+    return not masked or torch.device(device).type != "cuda"
+
+
+def pad_contexts(contexts: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack contexts [1 or B, L_i, D] into [n·B, max L, D], zero-padded at the end, and its ctx_mask
+    [n·B, max L] (True = real token); the mask is None when every length is the same."""
+    length = max(c.shape[1] for c in contexts)
+    padded = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[1])).expand(batch, -1, -1) for c in contexts]
+    if all(c.shape[1] == length for c in contexts):
+        return torch.cat(padded), None
+    mask = [(torch.arange(length, device=c.device) < c.shape[1]).expand(batch, -1) for c in contexts]
+    return torch.cat(padded), torch.cat(mask)
+
+
+def _batched_cfg_denoiser(model: torch.nn.Module, dtype: torch.dtype, cond: torch.Tensor, uncond: torch.Tensor,
+                          cfg: float, pos_map: torch.Tensor | None,
+                          aspect: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """CFG as one forward over [cond batch; uncond batch]."""
+    def twice(a: torch.Tensor | None, batched: bool) -> torch.Tensor | None:  # per-sample values: both halves
+        return torch.cat((a, a)) if batched and a.shape[0] > 1 else a
+
+    aspect = torch.as_tensor(aspect)
+    pos2 = twice(pos_map, pos_map is not None and pos_map.dim() == 3)   # [H·W, 2] and [1, H·W, 2] are shared
+    aspect2, prepared = twice(aspect, aspect.dim() > 0), {}
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if b not in prepared:  # built once per batch size, so every step feeds the model the same tensors
+            prepared[b] = pad_contexts([cond, uncond], b)
+        ctx, ctx_mask = prepared[b]
+        v = model(torch.cat((x, x)).to(dtype), torch.cat((sigma, sigma)).to(dtype), ctx, pos_map=pos2,
+                  aspect=aspect2, ctx_mask=ctx_mask)
+        v_cond, v_uncond = v.float().chunk(2)
+        return denoised_from_velocity(x, cfg_velocity(v_cond, v_uncond, cfg), sigma)
 
     return denoise
 
@@ -79,20 +182,22 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
     init_image [B or 1, 3, H, W] in [0, 1] with params.strength < 1 gives img2img. The callback receives the
     k-diffusion step dict; raise `hdm_core.sampling.SamplingCancelled` from it to stop.
     """
+    params.validate()
     model, te, vae = components.model, components.text_encoder, components.vae
     if te is None:
         raise ValueError("this checkpoint has no text encoder: load a Qwen3-0.6B file as the text encoder")
     if vae is None and decode:
         raise ValueError("this checkpoint has no VAE: load an EQ-SDXL-VAE file, or ask for latents (decode=False)")
-    if params.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {params.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if init_image is None and params.strength < 1.0:
+        raise ValueError(f"strength {params.strength} is for img2img: pass an init image, or use strength 1")
     device = next(model.parameters()).device
     cfg = components.config
     downscale = getattr(vae, "downscale_factor", 8)
     lat_h, lat_w = latent_size(params.width, params.height, downscale=downscale, patch=cfg.patch_size,
                                round_down=True)
 
-    cond, uncond = (c.to(device) for c in te.encode([params.prompt, params.negative_prompt]))
+    cond, uncond = (c.to(device) for c in te.encode([params.prompt, params.negative_prompt],
+                                                    max_tokens=params.max_prompt_tokens))
     b = params.batch_size
     pos_map = camera_position_map(lat_h, lat_w, params.x_shift, params.y_shift, params.zoom).to(device)
     aspect = torch.full((b,), aspect_info(lat_h, lat_w), device=device)
@@ -114,6 +219,9 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
     else:
         x = noise
     latents = SAMPLERS[params.sampler](denoise, x, sigmas, callback=callback)
+    if not torch.isfinite(latents).all():  # one reduction per image: nothing to measure against sampling
+        raise FloatingPointError("the sampled latent holds NaN or Inf: the weights hold non-finite values or the "
+                                 "model overflowed in this dtype (try --dtype bf16 or fp32); nothing was written")
     if not decode:
         return latents
     return vae.decode(latents)

@@ -10,11 +10,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from .flow import shift_sigmas
 
 Denoiser = Callable[..., torch.Tensor]
+MAX_STEPS = 10_000  # sampling steps; the official default is 32
+MAX_SCHEDULE = 100_000  # schedule length steps / denoise (img2img keeps its last `steps` entries)
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -28,16 +31,18 @@ def flow_sigmas(steps: int, shift: float = 1.0, denoise: float = 1.0) -> torch.T
     denoise < 1 (img2img) keeps the last `steps` steps of a ⌊steps/denoise⌋-step schedule, as ComfyUI does,
     so sampling starts near σ = denoise and still takes `steps` steps.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < denoise <= 1.0:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number in [1, {MAX_STEPS}], got {steps!r}")
+    if not 0.0 < denoise <= 1.0:  # NaN fails too
         raise ValueError(f"denoise (img2img strength) must be in (0, 1], got {denoise}")
     total = int(steps / denoise)
-    t, dt, ts = torch.ones((), dtype=torch.float32), 1.0 / total, []
-    for _ in range(total):
-        ts.append(t)
-        t = t - dt
-    return torch.cat((shift_sigmas(torch.stack(ts), shift), torch.zeros(1)))[-(steps + 1):]
+    if total > MAX_SCHEDULE:
+        raise ValueError(f"{steps} steps at denoise {denoise} need a {total}-step schedule (limit {MAX_SCHEDULE}); "
+                         f"raise denoise to at least {steps / MAX_SCHEDULE:.2g} or use fewer steps")
+    # np.subtract.accumulate subtracts in order in float32: the same rounding as the official loop, vectorised.
+    steps_down = np.concatenate(([1.0], np.full(total - 1, 1.0 / total))).astype(np.float32)
+    ts = torch.from_numpy(np.subtract.accumulate(steps_down))
+    return torch.cat((shift_sigmas(ts, shift), torch.zeros(1)))[-(steps + 1):]
 
 
 def _report(callback: Callback | None, x: torch.Tensor, i: int, sigma: torch.Tensor,
@@ -69,12 +74,13 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
                 callback: Callback | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn); Euler on the last step."""
     extra_args = extra_args or {}
+    last = len(sigmas) - 1 if sigmas[-1].item() == 0 else None  # read once: no host sync inside the loop
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, _sigma(sigma, x), **extra_args)
         d = (x - denoised) / sigma
         x_euler = x + d * (sigma_next - sigma)
-        if sigma_next == 0:
+        if i + 1 == last:
             x = x_euler
         else:
             d_next = (x_euler - model(x_euler, _sigma(sigma_next, x), **extra_args)) / sigma_next
@@ -88,11 +94,11 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
                     callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) for flow: α = 1 − σ, λ = ln(α/σ), data prediction, multistep."""
     extra_args = extra_args or {}
-    lam = [math.log((1 - s) / s) if 0 < s < 1 else (math.inf if s == 0 else -math.inf)
-           for s in sigmas.tolist()]
+    values = sigmas.tolist()  # read once: no host sync inside the loop
+    lam = [math.log((1 - s) / s) if 0 < s < 1 else (math.inf if s == 0 else -math.inf) for s in values]
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        s, s_next = values[i], values[i + 1]
         denoised = model(x, _sigma(sigmas[i], x), **extra_args)
         if s_next == 0:
             x = denoised

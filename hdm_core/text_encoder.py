@@ -7,6 +7,7 @@ no hub id appears anywhere, so nothing here can trigger a download.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "qwen3_tokenizer"
 PAD_TOKEN_ID = 151643  # <|endoftext|>: right padding, and the single token an empty prompt becomes
+TRAINED_TOKENS = 256  # the caption length HDM was trained with
+LONG_PROMPT_TOKENS = 1024  # encode() warns above this
 
 # Public Qwen/Qwen3-0.6B config, as Qwen3Config keyword arguments (596,049,920 parameters without lm_head).
 QWEN3_06B = dict(
@@ -198,13 +201,20 @@ class TextEncoder(torch.nn.Module):
         return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str) -> list[torch.Tensor]:
-        """Encode every prompt alone (no padding, no truncation) -> list of [1, L_i, hidden] (HDM-ext behaviour)."""
+    def encode(self, prompts: list[str] | str, max_tokens: int | None = None) -> list[torch.Tensor]:
+        """Encode every prompt alone (no padding; truncated only to `max_tokens` when given) -> list of
+        [1, L_i, hidden] (HDM-ext behaviour). A prompt longer than LONG_PROMPT_TOKENS gets a warning."""
         if isinstance(prompts, str):
             prompts = [prompts]
         out = []
         for prompt in prompts:
-            ids = torch.tensor([tokenize(self.tokenizer, prompt)], device=self.device)  # (1, L)
+            tokens = tokenize(self.tokenizer, prompt)
+            if max_tokens is None and len(tokens) > LONG_PROMPT_TOKENS:
+                warnings.warn(f"the prompt is {len(tokens)} tokens; HDM was trained on up to {TRAINED_TOKENS}, and "
+                              f"every sampling step attends over all of them (cost grows with their number, "
+                              f"attention with its square): pass max_tokens={TRAINED_TOKENS} (CLI: "
+                              f"--max-prompt-tokens) to truncate", stacklevel=3)
+            ids = torch.tensor([tokens[:max_tokens]], device=self.device)  # (1, L)
             hidden = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             out.append(hidden.last_hidden_state)  # (1, L, hidden), after the final RMSNorm
         return out

@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import XUTConfig
-from .layers import Block, Modulation, TimestepEmbedding, adaln_mlp
+from .layers import Block, Modulation, TimestepEmbedding, adaln_mlp, key_padding_mask
 from .rope import downsample_pos, make_axial_pos
-from .tread import random_keep_mask, restore_tokens, select_tokens
+from .tread import gather_tokens, keep_index, random_keep_index, restore_tokens
 
 MOD_NAMES = ("attn", "xattn", "ffw")
 
@@ -109,12 +109,17 @@ class XUT(nn.Module):
         tread_keep: torch.Tensor | None = None,
         tread_rate: float | None = None,
         generator: torch.Generator | None = None,
+        ctx_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for x [B, C, H, W] at t (B values in [0, 1]) given text states ctx [B, L, ctx_dim].
 
         pos_map: latent-resolution map [B or 1, H·W, 2] (None = the model's own patch grid).
-        aspect: ln(W / H), shape [B] or [B, 1]. tread_keep: boolean keep mask [B, N] for routing;
-        tread_rate: route with a random mask at this rate instead (0 or None = off), drawn from `generator`.
+        aspect: ln(W / H), shape [B] or [B, 1].
+        tread_keep: the image tokens to route through the backbone, a boolean mask [B, N] or sorted indices
+        [B, K] (indices need no host synchronisation, so they compile into one graph and CUDA-graph capture);
+        tread_rate: route with random indices at this rate instead (0 or None = off), drawn from `generator`.
+        ctx_mask: [B or 1, L], True on real text tokens; the others (padding, to batch contexts of different
+        lengths) are hidden from every attention. None = all real, the unmasked path.
         """
         cfg, p = self.config, self.config.patch_size
         b, _, height, width = x.shape
@@ -126,54 +131,84 @@ class XUT(nn.Module):
         dtype = x.dtype
 
         tokens = self.in_patch(x)                                                     # (B, N, D)
-        if pos_map is None:
-            pos = make_axial_pos(h, w, device=x.device).expand(b, n, 2)
-        else:
-            pos = downsample_pos(pos_map.to(x.device), height, width, p).expand(b, n, 2)  # (B, N, 2)
+        mods = self._modulations(t, aspect, b, dtype, x.device)
+        if ctx is None:  # the official fallback: ctx_size all-zero text states
+            ctx = x.new_zeros(b, cfg.ctx_size, cfg.ctx_dim)
+        text = self.ctx_proj(ctx.to(dtype)).expand(b, -1, -1)                          # (B, L, D)
+        seq = torch.cat((tokens, text), dim=1)                                        # (B, N + L, D)
+        pos = self._positions(pos_map, b, height, width, text.shape[1], x.device)     # (B, N + L, 2)
+        if ctx_mask is not None:
+            if ctx_mask.shape[-1] != text.shape[1]:
+                raise ValueError(f"ctx_mask covers {ctx_mask.shape[-1]} tokens but ctx has {text.shape[1]}")
+            ctx_mask = ctx_mask.to(x.device).expand(b, -1)                            # (B, L)
+        mask = None if ctx_mask is None else key_padding_mask(ctx_mask, n)            # (B, 1, 1, N + L)
 
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+        for block in self.prev_tread_trns.blocks:
+            seq = self._run(block, seq, pos, mods, None, mask)
+
+        index = self._route(tread_keep, tread_rate, generator, b, n, x.device)
+        if index is None:
+            seq = self._backbone(seq, pos, mods, mask)
+        else:
+            k = index.shape[1]
+            routed = torch.cat((gather_tokens(seq[:, :n], index), seq[:, n:]), dim=1)   # (B, K + L, D)
+            routed_pos = torch.cat((gather_tokens(pos[:, :n], index), pos[:, n:]), dim=1)
+            routed_mask = None if ctx_mask is None else key_padding_mask(ctx_mask, k)
+            routed = self._backbone(routed, routed_pos, mods, routed_mask)
+            seq = torch.cat((restore_tokens(seq[:, :n], routed[:, :k], index), routed[:, k:]), dim=1)
+
+        for block in self.post_tread_trns.blocks:
+            seq = self._run(block, seq, pos, mods, None, mask)
+        return self.out_patch(seq[:, :n], h, w)                                       # (B, C, H, W)
+
+    def _positions(self, pos_map: torch.Tensor | None, b: int, height: int, width: int, text_tokens: int,
+                   device: torch.device) -> torch.Tensor:
+        """Patch-resolution positions of the image tokens, then (0, 0) for every text token → [B, N + L, 2]."""
+        p = self.config.patch_size
+        if pos_map is None:
+            pos = make_axial_pos(height // p, width // p, device=device)[None]
+        else:
+            pos = downsample_pos(pos_map.to(device), height, width, p)
+        pos = pos.expand(b, -1, 2)                                                    # (B, N, 2)
+        return torch.cat((pos, pos.new_zeros(b, text_tokens, 2)), dim=1)
+
+    def _modulations(self, t: torch.Tensor | float, aspect: torch.Tensor | float | None, b: int,
+                     dtype: torch.dtype, device: torch.device) -> dict[str, Modulation]:
+        """The shared adaLN triples of attention, cross-attention and MLP, from t and the aspect ratio."""
+        cfg = self.config
+        t = torch.as_tensor(t, device=device).reshape(-1).expand(b)
         cond = self.time_emb(t, dtype)                                                # (B, 1, D)
         if aspect is not None and cfg.addon_info_embs_dim:
-            aspect = torch.as_tensor(aspect, device=x.device, dtype=dtype).reshape(-1, cfg.addon_info_embs_dim)
+            aspect = torch.as_tensor(aspect, device=device, dtype=dtype).reshape(-1, cfg.addon_info_embs_dim)
             cond = cond + self.addon_info_embs_proj(aspect.expand(b, -1))[:, None]
         mods = {}
         for name in MOD_NAMES:
             scale, shift, gate = getattr(self, f"shared_adaln_{name}")(cond).chunk(3, dim=-1)
             mods[name] = Modulation(1 + scale, shift, 1 + gate)
+        return mods
 
-        if ctx is None:  # the official fallback: ctx_size all-zero text states
-            ctx = x.new_zeros(b, cfg.ctx_size, cfg.ctx_dim)
-        text = self.ctx_proj(ctx.to(dtype)).expand(b, -1, -1)                          # (B, L, D)
-        seq = torch.cat((tokens, text), dim=1)                                        # (B, N + L, D)
-        pos = torch.cat((pos, pos.new_zeros(b, text.shape[1], 2)), dim=1)             # text at (0, 0)
+    @staticmethod
+    def _route(keep: torch.Tensor | None, rate: float | None, generator: torch.Generator | None, b: int, n: int,
+               device: torch.device) -> torch.Tensor | None:
+        """Kept-token indices [B, K] for TREAD, or None when routing is off."""
+        if keep is None:
+            return random_keep_index(b, n, rate, generator=generator, device=device) if rate else None
+        if keep.dtype == torch.bool:
+            if keep.shape != (b, n):
+                raise ValueError(f"tread_keep must be [B, N] = [{b}, {n}], got {list(keep.shape)}")
+            return keep_index(keep.to(device))  # reads the mask on the host: pass indices to avoid that
+        if keep.dim() != 2 or keep.shape[0] != b or keep.shape[1] > n or keep.is_floating_point():
+            raise ValueError(f"tread_keep must be a bool mask [{b}, {n}] or integer indices [{b}, K <= {n}], "
+                             f"got {keep.dtype} {list(keep.shape)}")
+        return keep.to(device)
 
-        for block in self.prev_tread_trns.blocks:
-            seq = self._run(block, seq, pos, mods)
-
-        if tread_keep is None and tread_rate:
-            tread_keep = random_keep_mask(b, n, tread_rate, generator=generator, device=x.device)
-        if tread_keep is not None:
-            if tread_keep.shape != (b, n):
-                raise ValueError(f"tread_keep must be [B, N] = [{b}, {n}], got {list(tread_keep.shape)}")
-            kept, index = select_tokens(seq[:, :n], tread_keep)                       # (B, K, D)
-            kept_pos, _ = select_tokens(pos[:, :n], tread_keep)
-            routed = self._backbone(torch.cat((kept, seq[:, n:]), 1),
-                                    torch.cat((kept_pos, pos[:, n:]), 1), mods)       # (B, K + L, D)
-            k = index.shape[1]
-            seq = torch.cat((restore_tokens(seq[:, :n], routed[:, :k], index), routed[:, k:]), dim=1)
-        else:
-            seq = self._backbone(seq, pos, mods)
-
-        for block in self.post_tread_trns.blocks:
-            seq = self._run(block, seq, pos, mods)
-        return self.out_patch(seq[:, :n], h, w)                                       # (B, C, H, W)
-
-    def _backbone(self, seq: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation]) -> torch.Tensor:
+    def _backbone(self, seq: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation],
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
         for group in self.backbone.enc_blocks:
             for block in group:
-                seq = self._run(block, seq, pos, mods)
-        memory = seq  # every decoder group cross-attends to the LAST encoder output
+                seq = self._run(block, seq, pos, mods, None, mask)
+        memory = seq  # every decoder group cross-attends to the LAST encoder output (text tokens included)
         for group in self.backbone.dec_blocks:
             for block in group:
-                seq = self._run(block, seq, pos, mods, memory if block.has_cross else None)
+                seq = self._run(block, seq, pos, mods, memory if block.has_cross else None, mask)
         return seq

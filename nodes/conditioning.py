@@ -15,6 +15,13 @@ GAMMA = {"min": 0.0, "max": 1.0, "step": 0.01, "display": "slider"}
 CONDS = {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",)}
 
 
+def check_camera(x_shift: float, y_shift: float, zoom: float) -> None:
+    """Finite shifts and a finite zoom > 0 (widgets can be set to NaN through the API), else ValueError."""
+    for name, value in (("x_shift", x_shift), ("y_shift", y_shift), ("zoom", zoom)):
+        if not math.isfinite(value) or (name == "zoom" and value <= 0):
+            raise ValueError(f"{name} must be a finite number{' > 0' if name == 'zoom' else ''}, got {value}")
+
+
 def set_values(conditioning: list, values: dict) -> list:
     """A copy of `conditioning` with `values` set in every entry's dict; the input is left untouched."""
     return [[tensor, {**options, **values}] for tensor, options in conditioning]
@@ -65,8 +72,7 @@ class HDMCameraParam:
         }}
 
     def apply(self, positive, negative, x_shift, y_shift, zoom):
-        if zoom <= 0:
-            raise ValueError(f"zoom must be > 0, got {zoom}")
+        check_camera(x_shift, y_shift, zoom)
         values = {"x_shift": float(x_shift), "y_shift": float(y_shift), "zoom": float(zoom)}
         return set_values(positive, values), set_values(negative, values)
 
@@ -136,8 +142,10 @@ class HDMCameraSweep:
 
     def apply(self, positive, negative, latent, frames, x_start, y_start, zoom_start, x_end, y_end, zoom_end,
               easing="linear"):
-        if frames < 2 or zoom_start <= 0 or zoom_end <= 0:
-            raise ValueError(f"need frames >= 2 and zooms > 0, got frames={frames}, zooms {zoom_start}, {zoom_end}")
+        if frames < 2:
+            raise ValueError(f"need frames >= 2, got {frames}")
+        check_camera(x_start, y_start, zoom_start)
+        check_camera(x_end, y_end, zoom_end)
         path = camera_path(frames, (x_start, y_start, zoom_start), (x_end, y_end, zoom_end), easing)
         samples = latent["samples"][:1]
         first = (latent.get("batch_index") or [0])[0]

@@ -30,7 +30,7 @@ from ..hdm_core.layout import (
     vae_stats,
     xut_part,
 )
-from ..hdm_core.weights import DTYPES, check_weights
+from ..hdm_core.weights import DTYPES, check_finite, check_weights
 from .model import HDMEQVAE, HDMModelConfig, HDMPixelSpace
 from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
 
@@ -100,6 +100,7 @@ def build_model(xut_sd: Mapping[str, torch.Tensor], config: XUTConfig, latent_fo
     check_weights(model.diffusion_model.state_dict(), xut_sd,
                   what=f"HDM weights do not match their config {config.to_dict()} (the file is damaged or of an "
                        f"unsupported variant)")
+    check_finite(xut_sd, what="HDM diffusion-model weights")
     model.load_model_weights(dict(xut_sd), "")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
     if initial_device != torch.device("cpu"):
@@ -108,6 +109,7 @@ def build_model(xut_sd: Mapping[str, torch.Tensor], config: XUTConfig, latent_fo
 
 
 def build_clip(te_sd: Mapping[str, torch.Tensor], config: dict, model_options: dict | None = None) -> Any:
+    check_finite(te_sd, what="Qwen3 text-encoder weights")
     clip_sd = {CLIP_PREFIX + k: v for k, v in te_sd.items()}
     target = comfy.supported_models_base.ClipTarget(tokenizer_class(config), text_encoder_class(config))
     return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),

@@ -17,6 +17,7 @@ import comfy.model_base
 import comfy.supported_models_base
 import comfy.utils
 import torch
+import torch.nn.functional as F
 
 from ..hdm_core.config import XUTConfig
 from ..hdm_core.layout import TE_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -26,8 +27,9 @@ from ..hdm_core.xut import XUT
 from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
 from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
 
-# ComfyUI reserves memory_usage_factor × (SD1.5's activation estimate) per latent pixel before sampling; 1.2
-# leaves headroom for XUT's concatenated text tokens and cross-attention skips at 1024².
+# ComfyUI's activation-memory estimate per latent element (BaseModel.memory_required) is scaled by this factor
+# before it frees VRAM for sampling (SD1.5 uses 1.0, SDXL 0.8). 1.2: headroom for XUT's concatenated text tokens
+# and cross-attention skips; an estimate, not yet measured on a GPU.
 MEMORY_USAGE_FACTOR = 1.2
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,15 +104,23 @@ class HDMDiffusionModel(XUT):
                 f"the conditioning has {context.shape[-1]} features per token but this HDM model expects "
                 f"{self.config.ctx_dim}: encode prompts with the CLIP output of an HDM loader")
         b, _, height, width = x.shape
-        pos_map = None
-        if x_shift is not None:  # camera node present: latent-resolution camera map (SPEC §4.3)
-            pos = make_axial_pos(height, width, device=x.device)
-            pos_map = camera_pos(pos, x_shift.float().reshape(-1), y_shift.float().reshape(-1),
-                                 zoom.float().reshape(-1))                               # (B, H·W, 2)
+        # A latent side that is not a whole number of patches (e.g. EmptyLatentImage at 8-px steps) is padded
+        # to one and the output cropped back, as ComfyUI's other DiT models do.
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            x = F.pad(x, (0, -width % patch, 0, -height % patch), mode="replicate")
+        # Every path gets a latent-resolution camera map (SPEC §4.3), the identity one when no camera node is
+        # used, as the official pipeline always passes one: KSampler and HDM Sampler then agree with it.
+        if x_shift is None:
+            x_shift, y_shift, zoom = (torch.full((b,), CAMERA_DEFAULTS[k]) for k in CAMERA_KEYS)
+        pos = make_axial_pos(*x.shape[-2:], device=x.device)
+        pos_map = camera_pos(pos, x_shift.float().reshape(-1).to(x.device), y_shift.float().reshape(-1).to(x.device),
+                             zoom.float().reshape(-1).to(x.device))                       # (B, H·W, 2)
         aspect = torch.full((b,), aspect_info(height, width), device=x.device)
         # HDM-ext / the official loop give the model t in its dtype (fp16: t is rounded before ×1000).
-        return super().forward(x, timesteps.to(x.dtype), context, pos_map=pos_map, aspect=aspect,
-                               tread_rate=float(tread_gamma) or None)
+        out = super().forward(x, timesteps.to(x.dtype), context, pos_map=pos_map, aspect=aspect,
+                              tread_rate=float(tread_gamma) or None)
+        return out[..., :height, :width]
 
 
 class HDMModel(comfy.model_base.BaseModel):

@@ -14,7 +14,6 @@ import torch
 
 from ..hdm_core.pipeline import seeded_noise
 from ..hdm_core.sampling import SAMPLERS, flow_sigmas
-from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
 
 
 def as_ksampler(fn: Callable[..., torch.Tensor]) -> Any:
@@ -24,11 +23,6 @@ def as_ksampler(fn: Callable[..., torch.Tensor]) -> Any:
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback)
     return comfy.samplers.KSAMPLER(sample)
-
-
-def with_default_camera(conditioning: list) -> list:
-    """The official pipeline always passes a camera map (identity by default): add it where none is set."""
-    return [[t, d if any(k in d for k in CAMERA_KEYS) else {**d, **CAMERA_DEFAULTS}] for t, d in conditioning]
 
 
 def batch_noise(latent: dict, samples: torch.Tensor, seed: int) -> torch.Tensor:
@@ -61,9 +55,9 @@ def hdm_sample(model, positive, negative, latent: dict, seed: int, steps: int, c
     torch.manual_seed(seed)  # TREAD routing draws from the global RNG, as with KSampler
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
     out["samples"] = comfy.sample.sample_custom(
-        model, noise, cfg, as_ksampler(SAMPLERS[sampler_name]), sigmas, with_default_camera(positive),
-        with_default_camera(negative), samples, noise_mask=latent.get("noise_mask"), callback=callback,
-        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        model, noise, cfg, as_ksampler(SAMPLERS[sampler_name]), sigmas, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed)
     return out
 
 

@@ -6,8 +6,13 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process, set before torch is imported: the subprocesses the tests start (trainer runs, torchrun
+# DDP workers, the CLI, the ComfyUI server) inherit it, and two DDP workers on 2 cores do not oversubscribe them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"  # golden vectors, tokenizer ids, key layouts; see tests/data/README.md

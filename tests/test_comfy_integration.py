@@ -391,6 +391,27 @@ def test_hdm_sampler_without_camera_node_uses_identity_camera(server, reference,
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_ksampler_without_camera_node_uses_the_identity_camera(server):
+    """Every path gives the official pipeline's result: without an HDM Camera node the model still gets the
+    identity camera map, so KSampler with and without the node (0 / 0 / 1) give the same latent."""
+    params = {"seed": 3, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    plain = saved_latent(server, server.run(txt2img_graph(sampler=("KSampler", params))))
+    identity = saved_latent(server, server.run(txt2img_graph(
+        camera={"x_shift": 0.0, "y_shift": 0.0, "zoom": 1.0}, sampler=("KSampler", params))))
+    assert torch.equal(plain, identity)
+
+
+def test_sizes_off_the_patch_grid_are_padded_and_cropped(server):
+    """EmptyLatentImage at 8-px steps gives latent sides that are not whole patches (200x136 px → 25x17); the model
+    pads them to a patch and crops back, so the sampler returns the size it was given."""
+    params = {"seed": 3, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    latent = saved_latent(server, server.run(txt2img_graph(sampler=("KSampler", params), width=200, height=136)))
+    assert latent.shape[-2:] == (17, 25) and torch.isfinite(latent).all()
+    latent = saved_latent(server, server.run(txt2img_graph(sampler=("HDMSampler", HDM_SAMPLER), width=200,
+                                                           height=136)))
+    assert latent.shape[-2:] == (17, 25) and torch.isfinite(latent).all()
+
+
 def ksampler_reference(reference, steps, sigmas, camera=True):
     from hdm_core.pipeline import make_denoiser, seeded_noise
     from hdm_core.rope import aspect_info, camera_position_map

@@ -95,12 +95,30 @@ def test_cli_writes_pngs_with_parameters(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert generate_main(["--checkpoint", str(tiny_checkpoint), "--prompt", "a blue square", "--width", "32",
                           "--height", "32", "--steps", "2", "--batch-size", "2", "--seed", "7", "--out", str(out),
-                          "--device", "cpu"]) == 0
+                          "--device", "cpu", "--sampler", "heun", "--shift", "2.5", "--x-shift", "0.25",
+                          "--y-shift", "-0.5", "--zoom", "1.5", "--tread-gamma-cond", "0.25",
+                          "--tread-gamma-uncond", "0.5"]) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 2
     meta = json.loads(Image.open(files[1]).text["hdm"])
     assert meta["prompt"] == "a blue square" and meta["seed"] == 8 and meta["steps"] == 2
-    assert "Steps: 2, Sampler: euler" in Image.open(files[0]).text["parameters"]
+    assert (meta["x_shift"], meta["y_shift"], meta["zoom"]) == (0.25, -0.5, 1.5)
+    assert (meta["tread_gamma_cond"], meta["tread_gamma_uncond"], meta["shift"]) == (0.25, 0.5, 2.5)
+    assert Image.open(files[0]).text["parameters"] == (
+        "a blue square\nNegative prompt: \nSteps: 2, Sampler: heun, CFG scale: 3.0, Seed: 7, Size: 32x32, "
+        "Shift: 2.5, X shift: 0.25, Y shift: -0.5, Zoom: 1.5, TREAD gamma cond: 0.25, TREAD gamma uncond: 0.5")
+
+
+def test_cli_help_shows_every_default(capsys):
+    """--help names the default of every option; where the default is None the help says what that means."""
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "None" not in text
+    for shown in ("--steps STEPS sampling steps (default: 32)", "(default: fp16 on GPU, fp32 on CPU)",
+                  "(default: cuda if available, else mps, else cpu)", "--zoom ZOOM camera: > 1 zooms in (default: 1.0)",
+                  "(default: euler)", "(default: outputs)", "(default: empty)"):
+        assert shown in text, shown
 
 
 def test_cli_interrupt_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):

@@ -187,15 +187,37 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert not (run / "done.json").exists()
 
 
-def test_frozen_encoders_read_from_a_released_single_file(tiny_checkpoint):
-    from hdm_core.checkpoint import load_components
+def test_frozen_encoders_read_from_a_released_single_file(tiny_parts, tmp_path):
+    """The trainer's encoders read from a file written by hand in the released layout (literal key prefixes, stats
+    that are not the EQ-VAE defaults) equal reference modules built straight from the known state dicts."""
+    from safetensors.torch import save_file
+
+    from hdm_core.text_encoder import QWEN3_PRESETS, build_qwen3, load_tokenizer, tokenize
+    from hdm_core.vae import VAE_PRESETS, build_autoencoder
     from training.encoders import build_text_encoder, build_vae
 
+    mean, std = torch.tensor([0.5, -0.25, 1.0, 2.0]), torch.tensor([2.0, 3.0, 0.5, 4.0])
+    tensors = {**{"unet.model." + k: v for k, v in tiny_parts["unet"].items()},
+               **{"te.text_models.0." + k: v for k, v in tiny_parts["te"].items()},
+               **{"vae." + k: v for k, v in tiny_parts["vae"].items()},
+               "vae_mean": mean.reshape(1, 4, 1, 1), "vae_std": std.reshape(1, 4, 1, 1)}
+    path = tmp_path / "released.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
     cpu = torch.device("cpu")
-    te = build_text_encoder(str(tiny_checkpoint), torch.float32, cpu)
-    vae = build_vae(str(tiny_checkpoint), torch.float32, cpu)
-    ref = load_components(tiny_checkpoint)
-    assert torch.allclose(te.encode("a red circle")[0], ref.text_encoder.encode("a red circle")[0], atol=1e-5)
+    te = build_text_encoder(str(path), torch.float32, cpu)
+    vae = build_vae(str(path), torch.float32, cpu)
     assert not any(p.requires_grad for p in te.parameters()) and not any(p.requires_grad for p in vae.parameters())
-    images = torch.rand(1, 3, 16, 16) * 2 - 1
-    assert torch.allclose(vae.encode(images, sample=False), ref.vae.encode(images, sample=False))
+
+    ref_te = build_qwen3(QWEN3_PRESETS["tiny"])
+    ref_te.load_state_dict(tiny_parts["te"])
+    ids = torch.tensor([tokenize(load_tokenizer(), "a red circle")])
+    expected = ref_te(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    torch.testing.assert_close(te.encode("a red circle")[0], expected)
+
+    ref_vae = build_autoencoder(VAE_PRESETS["tiny"]).eval()
+    ref_vae.load_state_dict(tiny_parts["vae"])
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = ref_vae.encode(images).latent_dist.mode()
+    torch.testing.assert_close(vae.encode(images, sample=False), (z - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1))

@@ -79,7 +79,7 @@ def cache_image(image_path: Path, out: Path, vae: Any, text_encoder: Any, recipe
                 device: torch.device) -> bool:
     """Write one image's cache entry (atomically); False when the image is unreadable."""
     try:
-        img = open_image(image_path).convert("RGB")
+        img = open_image(image_path)  # RGB, upright; over MAX_IMAGE_PIXELS is refused unread
     except Exception as err:  # noqa: BLE001
         print(f"skipping unreadable image {image_path} ({err})")
         return False

@@ -1,9 +1,14 @@
-"""Training checkpoints (atomic, last K kept), initial weights for a stage, and the released-layout export."""
+"""Training checkpoints (atomic, last K kept; a damaged newest one falls back to the newest intact one), the
+run-folder write check, initial weights for a stage, and the released-layout export."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,13 @@ from hdm_core.weights import atomic_write
 from .encoders import vae_export_parts
 
 CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
+CHECKPOINT_KEYS = ("step", "samples_seen", "world_size", "data", "model", "optimizer", "scheduler", "scaler", "rng",
+                   "recipe", "config")
+log = logging.getLogger("training.checkpointing")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read back: empty, cut short, or not a training checkpoint."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -36,42 +48,86 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to continue from (--resume: the latest, if any; --resume-from: that one); without either,
-    a run folder that already has checkpoints is an error."""
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if resume:
-        return Path(resume)
-    if latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already has checkpoints; pass --resume to continue it, or change "
-                              f"name / run.out_dir for a new run")
-    return None
+def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """(checkpoint, its contents) to continue from, or (None, None) to start the run.
+
+    --resume ("auto"): the newest intact checkpoint of the run folder; a damaged newer one is reported and left
+    in place (the run overwrites it when it reaches that step again), so a restart loop does not fail forever.
+    --resume-from PATH: that file. Without either, a run folder that already has checkpoints is an error.
+    """
+    if resume not in (None, "auto"):
+        return Path(resume), load_checkpoint(resume)
+    found = list_checkpoints(run_dir)
+    if resume is None:
+        if found:
+            raise FileExistsError(f"{run_dir} already has checkpoints; pass --resume to continue it, or change "
+                                  f"name / run.out_dir for a new run")
+        return None, None
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except DamagedCheckpoint as err:
+            log.warning("%s; resuming from the checkpoint before it (the damaged file is left in place)", err)
+    if found:
+        raise DamagedCheckpoint(f"every checkpoint in {checkpoint_dir(run_dir)} is damaged "
+                                f"({', '.join(p.name for p in found)}); restore one from a backup, or move the "
+                                f"folder away to start the run again")
+    return None, None
+
+
+def check_writable(*folders: Path) -> None:
+    """Create each folder and write and remove a small file in it, so a read-only folder or a full disk fails
+    before the first training step instead of at the first checkpoint."""
+    for folder in map(Path, folders):
+        probe = folder / f".write_test_{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"hdm")
+            probe.unlink()
+        except OSError as err:
+            raise OSError(f"cannot write to {folder} ({err.strerror or err}); make it writable, free space, or set "
+                          f"run.out_dir to a writable folder") from err
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoints/step_XXXXXXXX.pt via a temporary file and a rename, then drop all but the last K."""
-    path = atomic_write(checkpoint_dir(run_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk this way; atomic_write names the file
+            raise OSError(str(err)) from err
+
+    path = atomic_write(checkpoint_dir(run_dir) / f"step_{step:08d}.pt", write)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint; `DamagedCheckpoint` naming the file when it is empty, cut short or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        reason = f"{type(err).__name__}: {str(err)[:120]}" if str(err) else "empty or cut short"
+        raise DamagedCheckpoint(f"checkpoint {path} ({path.stat().st_size} bytes) is damaged ({reason})") from err
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise DamagedCheckpoint(f"checkpoint {path} is not a training checkpoint (no {missing}); pass a "
+                                f"runs/<name>/checkpoints/step_*.pt file")
+    return state
 
 
-def load_resume(path: Path | None, rank: int, world: int) -> tuple[dict[str, Any] | None, dict | None]:
-    """(checkpoint, this rank's data position in it), or (None, None) without one. A folder position is re-dealt
-    to a different world size; a tar-shard position needs the same one."""
-    if path is None:
-        return None, None
-    state = load_checkpoint(path)
+def resume_position(state: dict[str, Any], rank: int, world: int, path: Path) -> dict:
+    """This rank's data position in a checkpoint. A folder position is re-dealt to a different world size; a
+    tar-shard position needs the same one."""
     if state["world_size"] == world:
-        return state, state["data"][rank]
+        return state["data"][rank]
     if "epoch" in state["data"][0]:  # folder: the global batch list does not depend on the world size
         consumed = state["data"][0]["batch"] * state["world_size"]
-        return state, {"epoch": state["data"][0]["epoch"], "batch": consumed // world}
+        return {"epoch": state["data"][0]["epoch"], "batch": consumed // world}
     raise ValueError(f"{path} was written by {state['world_size']} ranks reading tar shards; "
                      f"resume with --nproc_per_node×nnodes = {state['world_size']}")
 

@@ -4,9 +4,10 @@ exactly the batches an uninterrupted one would.
 
 Every sample's randomness (crop offset, tag dropout and shuffle) comes from a `random.Random` seeded with
 (seed, epoch, index), so results do not depend on the number of loader workers. Unreadable images are
-replaced by the next readable one and counted in `Batch.skipped`, never fatal. How a file becomes a `Sample`
-is injected (`FolderDataset(load_sample=...)`): `load_image` decodes it, `training.cache.CachedSamples` reads
-its cached latents.
+replaced by the next readable one and counted in `Batch.skipped`, never fatal; so are images over
+MAX_IMAGE_PIXELS, refused before they are decoded. Images are read by `hdm_core.images.open_rgb` (EXIF orientation,
+16-bit greyscale, alpha on white). How a file becomes a `Sample` is injected (`FolderDataset(load_sample=...)`):
+`load_image` decodes it, `training.cache.CachedSamples` reads its cached latents.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from hdm_core.images import MAX_PIXELS, open_rgb, to_rgb
+
 from .runtime import mix_seed
 
 log = logging.getLogger("training.data")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_CORRUPT_IN_A_ROW = 50
+MAX_IMAGE_PIXELS = MAX_PIXELS  # a larger training image is skipped, unread (64 MP: 8000 x 8000)
+EXIF_ORIENTATION, EXIF_TRANSPOSED = 0x0112, (5, 6, 7, 8)  # orientations that swap width and height
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,10 +190,16 @@ class Batch:
     position: tuple[int, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch with its tensors on `device`."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved)
+        """The same batch with its tensors on `device` (asynchronous copies from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True on CUDA machines)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -204,8 +215,9 @@ def collate(samples: list[Sample]) -> Batch:
 
 def make_sample(img: Image.Image, caption: str, size: tuple[int, int], spec: SampleSpec,
                 rng: random.Random) -> Sample:
-    """Crop an RGB image to `size` (h, w) with its position map and aspect; augment the caption."""
-    crop, top, left, rh, rw = resize_and_crop(img.convert("RGB"), size[0], size[1], rng)
+    """Crop an image (as `open_image` returns it: RGB, upright) to `size` (h, w) with its position map and aspect;
+    augment the caption."""
+    crop, top, left, rh, rw = resize_and_crop(img if img.mode == "RGB" else to_rgb(img), size[0], size[1], rng)
     pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
     return Sample(pos=crop_position_map(rh, rw, top, left, size[0], size[1], spec.factor),
                   aspect=math.log(rw / rh),
@@ -214,12 +226,19 @@ def make_sample(img: Image.Image, caption: str, size: tuple[int, int], spec: Sam
 
 
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later); raises on anything unreadable."""
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    img.load()
-    if img.width < 1 or img.height < 1:
-        raise ValueError("empty image")
-    return img
+    """8-bit RGB, upright, decoded fully (so truncated files fail here, not later); ValueError naming the file on
+    anything unreadable or over MAX_IMAGE_PIXELS (refused before decoding)."""
+    return open_rgb(source, max_pixels=MAX_IMAGE_PIXELS)
+
+
+def header_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
+    """(height, width) of the upright image (EXIF orientation applied) from the file header, without decoding."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        h, w = img.height, img.width
+        # only an EXIF block already read with the header (PNG's getexif() would decode the image to look further)
+        if "exif" in img.info and img.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED:
+            h, w = w, h
+    return h, w
 
 
 # (image path, caption text, (h, w), spec, rng) -> Sample; raises on an unreadable file.
@@ -278,8 +297,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def image_size(self, i: int) -> tuple[int, int] | None:
         """(height, width) from the header only; None when unreadable."""
         try:
-            with Image.open(self.files[i]) as img:
-                return img.height, img.width
+            return header_size(self.files[i])
         except Exception:  # noqa: BLE001 - any unreadable file is skipped, whatever the decoder raises
             return None
 
@@ -356,7 +374,7 @@ class FolderSource:
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available())
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hdm_core.flow import interpolate, sample_t_logit_normal, velocity_target
+from hdm_core.tread import random_keep_index
 
 from .data import Batch
 from .recipe import ModelSection
@@ -29,14 +30,18 @@ def encode_batch(batch: Batch, text_encoder: Any, vae: Any, max_length: int,
 
 
 def training_loss(model: torch.nn.Module, batch: Batch, text_encoder: Any, vae: Any, m: ModelSection,
-                  gen: torch.Generator, autocast: Any) -> torch.Tensor:
+                  gen: torch.Generator, autocast: Any, patch_size: int) -> torch.Tensor:
     """Flow matching: t ~ logit-normal(0, 1), x_t = t·ε + (1 − t)·x0, MSE of v against ε − x0 (batch on device)."""
     x0, ctx = encode_batch(batch, text_encoder, vae, m.max_length, gen)
     with torch.no_grad():
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         t = sample_t_logit_normal(x0.shape[0], generator=gen, device=x0.device)
         x_t = interpolate(x0, noise, t)
+        # TREAD: the kept tokens are drawn here (the same draw the model would make), so the compiled training
+        # step is one graph: a torch.Generator cannot be traced.
+        tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
+        keep = random_keep_index(x0.shape[0], tokens, m.tread_rate, generator=gen, device=x0.device) \
+            if m.tread_rate else None
     with autocast():
-        v = model(x_t, t, ctx, pos_map=batch.pos, aspect=batch.aspect, tread_rate=m.tread_rate or None,
-                  generator=gen)
+        v = model(x_t, t, ctx, pos_map=batch.pos, aspect=batch.aspect, tread_keep=keep)
     return F.mse_loss(v.float(), velocity_target(x0, noise))

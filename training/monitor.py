@@ -15,6 +15,7 @@ from PIL import Image
 from hdm_core.pipeline import image_grid, make_denoiser, seeded_noise, to_pil
 from hdm_core.rope import make_axial_pos
 from hdm_core.sampling import flow_sigmas, sample_euler
+from hdm_core.weights import atomic_write
 
 from .recipe import Recipe
 
@@ -35,11 +36,7 @@ class Monitor:
         if not new:  # a resumed run drops the rows logged after its checkpoint
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if r["step"] and int(r["step"]) <= start_step]
-            with self.csv_path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-                writer.writeheader()
-                writer.writerows(rows)
-            new = False
+            atomic_write(self.csv_path, lambda tmp: _write_csv(tmp, rows))
         self.csv_file = self.csv_path.open("a", newline="")
         self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS)
         if new:
@@ -91,11 +88,19 @@ class Monitor:
         plot_loss_curve(self.csv_path, self.run_dir / "loss.png")
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class Meter:
     """Loss sum, micro-batches, samples and image tokens since the last `read`, which sums them over ranks."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.diverged = torch.zeros((), device=device)  # 1 once a loss was NaN or Inf (never reset)
         self.reset()
 
     def reset(self) -> None:
@@ -104,9 +109,20 @@ class Meter:
         self.start = time.time()
 
     def add(self, loss: torch.Tensor, samples: int, tokens: int) -> None:
+        self.diverged = torch.maximum(self.diverged, (~torch.isfinite(loss.detach())).float())  # still no sync
         self.loss += loss.detach()
         self.micro_batches, self.samples, self.tokens = self.micro_batches + 1, self.samples + samples, \
             self.tokens + tokens
+
+    def raise_if_diverged(self, world: int, step: int) -> None:
+        """Raise on every rank (one all-reduce) if any rank's loss has been NaN or Inf; called before each log
+        line and checkpoint, so no diverged weights are saved and the steps between need no host sync."""
+        flag = self.diverged.clone()
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise FloatingPointError(f"the loss became NaN or Inf before step {step}; nothing after it was saved. "
+                                     f"Lower optim.lr, or use train.precision='bf16', and resume")
 
     def read(self, world: int) -> dict[str, float]:
         """Mean loss and throughput over all ranks (one all-reduce), then start a new window."""
@@ -123,7 +139,7 @@ class Meter:
 
 
 def plot_loss_curve(csv_path: Path, out: Path) -> None:
-    """loss against step as a PNG (skipped, with a note, when matplotlib is not installed)."""
+    """loss against step as a PNG, written atomically (skipped, with a note, when matplotlib is not installed)."""
     with Path(csv_path).open() as f:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
     if not rows:
@@ -140,8 +156,10 @@ def plot_loss_curve(csv_path: Path, out: Path) -> None:
     ax.plot(*zip(*rows))
     ax.set(xlabel="step", ylabel="loss", title=Path(csv_path).parent.name)
     ax.grid(alpha=0.3)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()

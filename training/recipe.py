@@ -3,13 +3,16 @@
 A recipe has a top-level `name`, an optional `notes` string, and five tables: [model], [data] (with its
 [data.captions] sub-table), [optim], [train], [run]. Overrides use dotted keys (`optim.lr=0.1`,
 `data.path="/data/set"`, `data.captions.tag_dropout=0.1`); values are parsed as TOML, and anything that is not
-valid TOML is taken as a string. Each section checks its own ranges when it is built (`__post_init__`).
+valid TOML is taken as a string. Every number must be finite (TOML's `nan` and `inf` are refused by key); each
+section checks its own ranges when it is built (`__post_init__`). `resume_conflicts` is the rule for which keys
+a resumed run may change.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +71,21 @@ class DataSection:
         if self.resolution < 2 or self.resolution % 2:
             raise ValueError(f"data.resolution {self.resolution} must be an even number of pixels (a multiple "
                              f"of 16 with a VAE)")
+        if self.bucket_step < 1 or not self.bucket_max_ratio >= 1.0:
+            raise ValueError(f"data.bucket_step {self.bucket_step} must be >= 1 and data.bucket_max_ratio "
+                             f"{self.bucket_max_ratio} >= 1")
+        if self.workers < 0 or self.shuffle_buffer < 1 or self.num_samples < 0:
+            raise ValueError(f"data.workers {self.workers} and data.num_samples {self.num_samples} must be >= 0, "
+                             f"data.shuffle_buffer {self.shuffle_buffer} >= 1")
+
+    @property
+    def kind(self) -> str:
+        return data_kind(self.path)
+
+
+def data_kind(path: str) -> str:
+    """'tar shards' for a .tar, a glob, a brace pattern or a comma list; 'folder' otherwise."""
+    return "tar shards" if path.endswith(".tar") or any(c in path for c in "*{,") else "folder"
 
 
 @dataclass
@@ -84,9 +102,13 @@ class OptimSection:
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas {self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.995]")
-        if self.lr <= 0 or self.base_dim < 1 or self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+        # Written as `not x > 0` rather than `x <= 0`, so NaN fails too (every comparison with NaN is false).
+        if not self.lr > 0 or self.base_dim < 1 or self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim: lr {self.lr} must be > 0, base_dim {self.base_dim} >= 1, warmup_steps "
                              f"{self.warmup_steps} >= 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
+        if not self.eps > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
+            raise ValueError(f"optim: eps {self.eps} must be > 0, weight_decay {self.weight_decay} and grad_clip "
+                             f"{self.grad_clip} >= 0 (grad_clip 0 = off)")
 
 
 @dataclass
@@ -106,8 +128,9 @@ class TrainSection:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"train.batch_size {self.batch_size} and train.grad_accum {self.grad_accum} must "
                              f"be >= 1")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        if self.max_steps < 0 or not self.epochs >= 0 or (self.max_steps == 0 and self.epochs == 0):
+            raise ValueError(f"set train.epochs > 0 or train.max_steps > 0 (got epochs {self.epochs}, max_steps "
+                             f"{self.max_steps})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay {self.ema_decay} must be in [0, 1); 0 disables EMA (DiT uses "
                              f"0.9999)")
@@ -132,6 +155,9 @@ class RunSection:
             raise ValueError(f"run.export_dtype {self.export_dtype!r} must be one of {PRECISIONS}")
         if self.keep_last < 1 or self.save_every < 1 or self.log_every < 1:
             raise ValueError("run.keep_last, run.save_every and run.log_every must be >= 1")
+        if self.sample_every < 0 or self.sample_steps < 1:
+            raise ValueError(f"run.sample_every {self.sample_every} must be >= 0 (0 = off) and run.sample_steps "
+                             f"{self.sample_steps} >= 1")
 
 
 @dataclass
@@ -184,8 +210,19 @@ def _build(defaults: Any, values: dict, table: str, where: str) -> Any:
             value = float(value)
         elif type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
             raise ValueError(f"{table}.{key} in {where} must be of type {type(default).__name__}, got {value!r}")
+        _check_finite(value, f"{table}.{key}", where)
         out[key] = value
     return dataclasses.replace(defaults, **out)
+
+
+def _check_finite(value: Any, key: str, where: str) -> None:
+    """TOML has `nan` and `inf`; no recipe number may be either (a range check like `x <= 0` lets NaN through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} in {where} is {value}; it must be a finite number")
+    for i, item in enumerate(value) if isinstance(value, list) else ():
+        _check_finite(item, f"{key}[{i}]", where)
+    for name, item in value.items() if isinstance(value, dict) else ():
+        _check_finite(item, f"{key}.{name}", where)
 
 
 def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
@@ -241,5 +278,64 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found; the shipped ones are in training/recipes/")
     with path.open("rb") as f:
-        d = tomllib.load(f)
+        try:
+            d = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:  # its message has the line and column, not the file
+            raise ValueError(f"recipe {path} is not valid TOML: {err}") from err
     return recipe_from_dict(apply_overrides(d, overrides), where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming: which keys a resumed run may change
+# ---------------------------------------------------------------------------------------------------
+
+# Keys (or "section." prefixes) a resumed run may change: where things are and how the run is watched, saved and
+# stopped, and settings that change speed or memory but not what is trained. Every other key (model shape and
+# encoders, data kind, resolution, buckets and captions, optimizer, batch size, accumulation, seed, EMA) must
+# equal the checkpoint's: the optimizer state, schedule and data position in the checkpoint belong to them, and
+# some (optim.*) would even be silently replaced by the checkpoint's values. data.path may move, but not between
+# a folder and tar shards; data.workers with tar shards must give the same number of streams (the stream says so).
+RESUME_MAY_CHANGE = ("name", "notes", "run.", "data.path", "data.cache", "data.workers", "data.num_samples",
+                     "train.epochs", "train.max_steps", "train.precision", "train.reference_world_size",
+                     "model.compile", "model.gradient_checkpointing", "model.encoder_dtype")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_conflicts(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for each key that differs between a checkpoint's recipe and this run's and may not change
+    on resume (see RESUME_MAY_CHANGE); keys a checkpoint predates count as their default."""
+    defaults = _flatten(Recipe().to_dict())
+    old_flat, new_flat = defaults | _flatten(old), defaults | _flatten(new)
+
+    def show(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "(not set)"
+
+    out = [f"{key}: {show(old_flat, key)} → {show(new_flat, key)}" for key in sorted(old_flat.keys() | new_flat.keys())
+           if not key.startswith(RESUME_MAY_CHANGE) and old_flat.get(key) != new_flat.get(key)]
+    old_kind, new_kind = data_kind(old_flat["data.path"]), data_kind(new_flat["data.path"])
+    if old_kind != new_kind:
+        out.insert(0, f"data.path: {old_kind} {old_flat['data.path']!r} → {new_kind} {new_flat['data.path']!r}")
+    return out
+
+
+def check_resumable(old: dict, new: dict, checkpoint: str | Path) -> None:
+    """Raise ValueError listing every key that differs from the checkpoint's recipe and may not change."""
+    conflicts = resume_conflicts(old, new)
+    if conflicts:
+        lines = "\n  ".join(conflicts)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+        raise ValueError(
+            f"cannot resume {checkpoint}: this run's recipe differs from the checkpoint's in\n  {lines}\n"
+            f"Set these back to the checkpoint's values (left of the arrow), or start a new run with another "
+            f"name or run.out_dir (model.init_from={checkpoint} starts it from these weights with a fresh "
+            f"optimizer). A resume may change only {allowed}; data.path may move but not between a folder and "
+            f"tar shards.")

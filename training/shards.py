@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import logging
+import os
 import random
 import re
 import tarfile
@@ -20,9 +20,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .data import IMAGE_EXTS, Batch, BatchPlan, SampleSpec, collate, make_sample, nearest_bucket, open_image
+from .data import (
+    IMAGE_EXTS,
+    Batch,
+    BatchPlan,
+    SampleSpec,
+    collate,
+    header_size,
+    make_sample,
+    nearest_bucket,
+    open_image,
+)
 from .recipe import DataSection
 from .runtime import mix_seed
 
@@ -44,6 +53,10 @@ def expand_shards(spec: str) -> list[str]:
     if not out:
         raise FileNotFoundError(f"data.path {spec!r} matches no tar shards; use e.g. 'shards/*.tar' or "
                                 f"'shards/{{000..099}}.tar'")
+    missing = [p for p in out if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"data.path {spec!r}: {len(missing)} of {len(out)} shards do not exist, e.g. "
+                                f"{missing[:3]}; fix the pattern or the shard range")
     return out
 
 
@@ -74,12 +87,19 @@ def _image_of(files: dict[str, bytes]) -> bytes | None:
 
 
 def count_samples(shards: list[str]) -> int:
-    """Number of samples with an image in all shards (reads only the tar headers)."""
+    """Number of samples with an image in all shards (reads only the tar headers). A damaged shard counts the
+    samples before the damage, with a warning, as the stream reads them."""
     total = 0
     for path in shards:
-        with tarfile.open(path) as tar:
-            keys = {m.name.rpartition(".")[0].split(".")[0] for m in tar.getmembers()
-                    if m.isfile() and m.name.rpartition(".")[2].lower() in _IMAGE_EXTS}
+        keys = set()
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.isfile() and m.name.rpartition(".")[2].lower() in _IMAGE_EXTS:
+                        keys.add(m.name.rpartition(".")[0].split(".")[0])
+        except (tarfile.TarError, OSError, EOFError) as err:
+            log.warning("shard %s is damaged after %d samples (%s); counting (and training on) those only",
+                        path, len(keys), err)
         total += len(keys)
     return total
 
@@ -127,8 +147,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             size = (res, res)
             if self.plan.buckets is not None:
                 try:
-                    with Image.open(io.BytesIO(_image_of(files) or b"")) as img:
-                        size = nearest_bucket(self.plan.buckets, img.height, img.width)
+                    size = nearest_bucket(self.plan.buckets, *header_size(_image_of(files) or b""))
                 except Exception:  # noqa: BLE001
                     bad += 1
                     log.warning("skipping unreadable image %s", key)
@@ -159,13 +178,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not self.shards[self.plan.rank::self.plan.world][slot::self.slots]:
             return
         while True:
+            yielded = False
             for index, (size, group, bad) in enumerate(self._planned(slot, epoch)):
                 if index < skip:
                     continue
                 samples, unreadable = self._decode(group, size, epoch)
                 if samples:
+                    yielded = True
                     yield dataclasses.replace(collate(samples), skipped=bad + unreadable,
                                               position=(slot, epoch, index))
+            if not yielded and not skip:  # an epoch without a batch: it would loop over the same shards for ever
+                raise RuntimeError(f"the shards of rank {self.plan.rank}, loader slot {slot} hold no full batch of "
+                                   f"{self.plan.batch_size} readable samples; check them, add data or lower "
+                                   f"train.batch_size")
             epoch, skip = epoch + 1, 0
 
 
@@ -177,7 +202,8 @@ class ShardSource:
         self.slots = [list(s) for s in stream.slot_state]
         self.next_slot = stream.shift
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                                  prefetch_factor=4 if workers > 0 else None)
+                                                  prefetch_factor=4 if workers > 0 else None,
+                                                  pin_memory=torch.cuda.is_available())
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:

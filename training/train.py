@@ -31,17 +31,25 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hdm_core.config import PRESETS, XUTConfig, latent_size
-from hdm_core.weights import DTYPES
+from hdm_core.weights import DTYPES, atomic_write
 from hdm_core.xut import XUT
 
 from .cache import CachedSamples
-from .checkpointing import export_released, load_init_weights, load_resume, resolve_resume, save_checkpoint
+from .checkpointing import (
+    check_writable,
+    checkpoint_dir,
+    export_released,
+    find_resume,
+    load_init_weights,
+    resume_position,
+    save_checkpoint,
+)
 from .data import Batch, BatchPlan, FolderDataset, FolderSource, SampleSpec, load_image, make_buckets
 from .encoders import build_text_encoder, build_vae
 from .loss import training_loss
 from .monitor import Meter, Monitor, sample_grid
 from .optim import WarmupCosine, build_optimizer, lr_schedule, update_ema
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, check_resumable, load_recipe
 from .runtime import StopRequest, gather, mix_seed, setup_distributed
 from .shards import open_shards
 
@@ -110,10 +118,8 @@ def build_data(recipe: Recipe, factor: int, rank: int, world: int, state: dict |
     spec = SampleSpec(d.resolution, factor, d.captions)
     buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio) if d.bucketing else None
     plan = BatchPlan(recipe.train.seed, recipe.train.batch_size, rank, world, buckets)
-    if d.path.endswith(".tar") or any(c in d.path for c in "*{,"):
+    if d.kind == "tar shards":
         return open_shards(d, spec, plan, state)
-    if state is not None and "epoch" not in state:
-        raise ValueError("the checkpoint's data position is for tar shards but data.path is a folder")
     load_sample = CachedSamples(Path(d.cache), Path(d.path)) if d.cache else load_image
     source = FolderSource(FolderDataset(d.path, spec, recipe.train.seed, load_sample), plan, d.workers, state)
     return source, source.batches_per_epoch
@@ -170,15 +176,17 @@ def restore(st: Stage, state: dict) -> None:
         st.ema.load_state_dict(state["ema"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
-    st.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when the checkpoint's train.precision was not fp16: start a fresh scale
+        st.scaler.load_state_dict(state["scaler"])
     st.step, st.seen = state["step"], state["samples_seen"]
     if st.rank == 0:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(tuple(state["rng"]["python"]))
 
 
-def build_stage(recipe: Recipe, rank: int, world: int, device: torch.device, resume_path: Path | None) -> Stage:
-    """Encoders, model + EMA, data, optimizer, restored from `resume_path` when given, then DDP / compile."""
+def build_stage(recipe: Recipe, rank: int, world: int, device: torch.device, resume_path: Path | None,
+                state: dict | None) -> Stage:
+    """Encoders, model + EMA, data, optimizer, restored from checkpoint `state` when given, then DDP / compile."""
     # 1. Frozen encoders.
     enc_dtype = DTYPES[recipe.model.encoder_dtype] if device.type == "cuda" else torch.float32
     text_encoder = build_text_encoder(recipe.model.text_encoder, enc_dtype, device)
@@ -186,10 +194,13 @@ def build_stage(recipe: Recipe, rank: int, world: int, device: torch.device, res
     # 2. Model: from scratch (official init) or from model.init_from; EMA.
     init_sd, init_cfg = load_init_weights(recipe.model.init_from) if recipe.model.init_from else (None, None)
     cfg = model_config(recipe, init_cfg)
+    if state is not None and XUTConfig.from_dict(state["config"]) != cfg:
+        raise ValueError(f"cannot resume {resume_path}: its model config {state['config']} is not this run's "
+                         f"{cfg.to_dict()}; start a new run (name / run.out_dir) with model.init_from={resume_path}")
     check_fit(recipe, cfg, text_encoder, vae)
     model, ema = build_model(recipe, cfg, init_sd, device)
     # 3. Data, from the checkpoint's position when resuming.
-    state, data_state = load_resume(resume_path, rank, world)
+    data_state = resume_position(state, rank, world, resume_path) if state is not None else None
     source, micro_per_epoch = build_data(recipe, vae.downscale_factor, rank, world, data_state)
     t = recipe.train
     total_steps = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
@@ -234,10 +245,7 @@ def optimizer_step(st: Stage, data: Iterator[Batch], meter: Meter) -> torch.Tens
         last = micro == t.grad_accum - 1
         with st.ddp.no_sync() if st.world > 1 and not last else contextlib.nullcontext():
             loss = training_loss(st.forward, batch.to(st.device), st.text_encoder, st.vae, st.recipe.model, gen,
-                                 st.autocast)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {st.step}; lower optim.lr or use "
-                                         f"train.precision='bf16'")
+                                 st.autocast, st.config.patch_size)
             st.scaler.scale(loss / t.grad_accum).backward()
         meter.add(loss, len(batch.captions), batch.pos.shape[0] * batch.pos.shape[1] // st.config.patch_size**2)
     st.scaler.unscale_(st.opt)
@@ -268,9 +276,7 @@ def save(st: Stage) -> None:
 def save_samples(st: Stage) -> None:
     """A grid of run.sample_prompts from the EMA (or the model) in run_dir/samples/ (rank 0)."""
     grid = sample_grid(st.ema if st.ema is not None else st.model, st.text_encoder, st.vae, st.recipe, st.autocast)
-    folder = st.recipe.run_dir / "samples"
-    folder.mkdir(exist_ok=True)
-    grid.save(folder / f"step_{st.step:08d}.png")
+    atomic_write(st.recipe.run_dir / "samples" / f"step_{st.step:08d}.png", lambda tmp: grid.save(tmp, "PNG"))
 
 
 def train_loop(st: Stage, stop_at: int) -> bool:
@@ -283,13 +289,17 @@ def train_loop(st: Stage, stop_at: int) -> bool:
             lr = r.optim.lr * st.schedule(st.step)  # the recipe-level LR of this step
             grad_norm = optimizer_step(st, data, meter)
             monitor.step()
-            if st.step % r.run.log_every == 0 or st.step == st.total_steps:
+            logging = st.step % r.run.log_every == 0 or st.step == st.total_steps
+            if logging:
+                meter.raise_if_diverged(st.world, st.step)
                 monitor.log({"step": st.step, "epoch": round(st.step * r.train.grad_accum / st.micro_per_epoch, 4),
                              **meter.read(st.world), "lr": lr, "grad_norm": grad_norm.item(), "skipped": st.skipped})
             if st.rank == 0 and r.run.sample_every and st.step % r.run.sample_every == 0 and r.run.sample_prompts:
                 save_samples(st)
             stopping = (stop.agreed(st.world, st.device) or 0 < stop_at <= st.step) and st.step < st.total_steps
             if st.step % r.run.save_every == 0 or st.step == st.total_steps or stopping:
+                if not logging:
+                    meter.raise_if_diverged(st.world, st.step)
                 save(st)
             if stopping:
                 monitor.message(f"[{r.name}] stopped at step {st.step}; checkpoint saved, resume with --resume")
@@ -307,7 +317,8 @@ def export(st: Stage, path: Path) -> None:
         export_released(path, final.state_dict(), st.config, st.text_encoder, st.vae,
                         DTYPES[st.recipe.run.export_dtype],
                         {"hdm.train_step": str(st.step), "hdm.recipe": st.recipe.to_dict()})
-        (st.recipe.run_dir / "done.json").write_text(json.dumps({"step": st.step, "export": str(path)}))
+        done = json.dumps({"step": st.step, "export": str(path)})
+        atomic_write(st.recipe.run_dir / "done.json", lambda tmp: tmp.write_text(done))
         print(f"[{st.recipe.name}] done: {path}")
     if st.world > 1:
         dist.barrier()
@@ -322,14 +333,19 @@ def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
         if rank == 0:
             print(f"[{recipe.name}] already finished ({export_path}); skipping")
         return export_path, True
-    resume_path = resolve_resume(run_dir, args.resume)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    resume_path, state = find_resume(run_dir, args.resume)
+    if state is not None:
+        check_resumable(state["recipe"], recipe.to_dict(), resume_path)
+    if rank == 0:  # a read-only folder or a full disk fails now, not at the first checkpoint
+        check_writable(run_dir, checkpoint_dir(run_dir), run_dir / "export",
+                       *([run_dir / "samples"] if recipe.run.sample_every and recipe.run.sample_prompts else []))
+        text = json.dumps(recipe.to_dict(), indent=2)
+        atomic_write(run_dir / "recipe.json", lambda tmp: tmp.write_text(text))
     # A different seed per rank (DiT); per-step noise comes from mix_seed, not from a stream.
     torch.manual_seed(recipe.train.seed * world + rank)
     random.seed(recipe.train.seed * world + rank)
-    st = build_stage(recipe, rank, world, device, resume_path)
+    st = build_stage(recipe, rank, world, device, resume_path, state)
+    del state  # restored into the model and optimizer; do not hold a second copy while training
     announce(st, resume_path)
     if not train_loop(st, args.stop_at):
         return export_path, False
