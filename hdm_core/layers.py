@@ -1,9 +1,11 @@
 """XUT building blocks (SPEC §3). Every Linear/Conv/LayerNorm is built through `ops` (torch.nn by default,
-ComfyUI's comfy.ops when loaded there); parameters outside such layers are cast to the input dtype at use."""
+ComfyUI's comfy.ops when loaded there) and attention through `attention` (`sdpa_attention` by default, ComfyUI's
+optimized attention there); parameters outside such layers are cast to the input dtype at use."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -13,6 +15,17 @@ from torch import nn
 from .rope import apply_rope, rope_angles
 
 LN_PI = math.log(math.pi)  # official initial RoPE log-frequency (SPEC §3.8)
+
+# attention(q, k, v, mask=None, **options) -> [B, S_q, H·d], for q [B, H, S_q, d] and k, v [B, H, S_k, d] (RoPE
+# applied); mask: bool [B, 1, 1, S_k], True = attend (see `key_padding_mask`), or None; options: the per-call
+# `attn_options` given to XUT.forward (empty unless a caller passes some), for backends that need them.
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   **options: Any) -> torch.Tensor:
+    """The default attention: torch's scaled_dot_product_attention, heads merged → [B, S_q, H·d]; options unused."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
 
 
 class Modulation(NamedTuple):
@@ -57,38 +70,41 @@ class RopeFreqs(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, attention: AttentionFn = sdpa_attention,
+                 dtype: Any = None, device: Any = None) -> None:
         super().__init__()
-        self.heads = dim // dim_head
+        self.heads, self.attention = dim // dim_head, attention
         self.qkv = ops.Linear(dim, 3 * dim, bias=False, dtype=dtype, device=device)
         self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
         self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+                options: dict[str, Any] | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 × (B, H, S, d)
         cos, sin = self.rope.cos_sin(pos, q.dtype)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).flatten(2))
+        y = self.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, **(options or {}))  # (B, S, D)
+        return self.out(y)
 
 
 class CrossAttention(nn.Module):
     """Attention from the stream to the last encoder output E (same token layout, so the same positions)."""
 
-    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, dtype: Any = None, device: Any = None) -> None:
+    def __init__(self, dim: int, dim_head: int, *, ops: Any = nn, attention: AttentionFn = sdpa_attention,
+                 dtype: Any = None, device: Any = None) -> None:
         super().__init__()
-        self.heads = dim // dim_head
+        self.heads, self.attention = dim // dim_head, attention
         self.q = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.kv = ops.Linear(dim, 2 * dim, bias=False, dtype=dtype, device=device)
         self.out = ops.Linear(dim, dim, dtype=dtype, device=device)
         self.rope = RopeFreqs(self.heads, dim_head, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, options: dict[str, Any] | None = None) -> torch.Tensor:
         q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)                       # (B, H, S, d)
         k, v = self.kv(memory).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 2 × (B, H, S, d)
         cos, sin = self.rope.cos_sin(pos, q.dtype)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).flatten(2))
+        y = self.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, **(options or {}))  # (B, S, D)
+        return self.out(y)
 
 
 class SwiGLU(nn.Module):
@@ -106,14 +122,14 @@ class Block(nn.Module):
     """One transformer block. Each sub-layer replaces the stream by U = modnorm(S) and adds F(U)·(1 + gate)."""
 
     def __init__(self, dim: int, dim_head: int, mlp_dim: int, *, cross: bool = False, ops: Any = nn,
-                 dtype: Any = None, device: Any = None) -> None:
+                 attention: AttentionFn = sdpa_attention, dtype: Any = None, device: Any = None) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.attn_pre_norm = ModulatedNorm(dim, **kw)
-        self.attn = SelfAttention(dim, dim_head, ops=ops, **kw)
+        self.attn = SelfAttention(dim, dim_head, ops=ops, attention=attention, **kw)
         if cross:
             self.xattn_pre_norm = ModulatedNorm(dim, **kw)
-            self.xattn = CrossAttention(dim, dim_head, ops=ops, **kw)
+            self.xattn = CrossAttention(dim, dim_head, ops=ops, attention=attention, **kw)
         self.mlp_pre_norm = ModulatedNorm(dim, **kw)
         self.mlp = SwiGLU(dim, mlp_dim, ops=ops, **kw)
 
@@ -122,13 +138,15 @@ class Block(nn.Module):
         return hasattr(self, "xattn")
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation],
-                memory: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: which keys to attend to, [B, 1, 1, S] (see `key_padding_mask`), or None for all."""
+                memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                options: dict[str, Any] | None = None) -> torch.Tensor:
+        """mask: which keys to attend to, [B, 1, 1, S] (see `key_padding_mask`), or None for all; options: keyword
+        arguments for the attention operation (see `AttentionFn`)."""
         u = self.attn_pre_norm(x, mods["attn"])
-        x = torch.addcmul(u, self.attn(u, pos, mask), mods["attn"].gate1)
+        x = torch.addcmul(u, self.attn(u, pos, mask, options), mods["attn"].gate1)
         if self.has_cross:
             u = self.xattn_pre_norm(x, mods["xattn"])
-            x = torch.addcmul(u, self.xattn(u, memory, pos, mask), mods["xattn"].gate1)
+            x = torch.addcmul(u, self.xattn(u, memory, pos, mask, options), mods["xattn"].gate1)
         u = self.mlp_pre_norm(x, mods["ffw"])
         return torch.addcmul(u, self.mlp(u), mods["ffw"].gate1)
 

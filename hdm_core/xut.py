@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -9,11 +11,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import XUTConfig
-from .layers import Block, Modulation, TimestepEmbedding, adaln_mlp, key_padding_mask
+from .layers import AttentionFn, Block, Modulation, TimestepEmbedding, adaln_mlp, key_padding_mask, sdpa_attention
 from .rope import downsample_pos, make_axial_pos
 from .tread import gather_tokens, keep_index, random_keep_index, restore_tokens
 
 MOD_NAMES = ("attn", "xattn", "ffw")
+
+# block_hook(index, name, run, args) -> the block's output stream, called in place of every block when given to
+# XUT.forward. index: the block's position in execution order (0 … len(XUT.block_names) − 1); name: its state-dict
+# path (XUT.block_names[index], e.g. "backbone.dec_blocks.1.0"); args: {"x": stream [B, S, D], "pos": [B, S, 2],
+# "mods": adaLN triples, "memory": the last encoder output for a cross-attending block else None, "mask": key
+# mask or None, "options": attention options or None}; run(args) runs the block on (possibly changed) args. A hook
+# may change args, run the block or not, or change its output; `lambda i, name, run, args: run(args)` changes
+# nothing. With TREAD on, backbone blocks see the routed stream (K + L tokens).
+BlockHook = Callable[[int, str, Callable[[dict[str, Any]], torch.Tensor], dict[str, Any]], torch.Tensor]
 
 
 class PatchIn(nn.Module):
@@ -58,14 +69,28 @@ class Backbone(nn.Module):
             for _ in range(cfg.depth))
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """What every block of one forward pass sees besides the stream (pos and mask change for the routed part)."""
+
+    pos: torch.Tensor
+    mods: dict[str, Modulation]
+    mask: torch.Tensor | None
+    hook: BlockHook | None
+    options: dict[str, Any] | None
+
+
 class XUT(nn.Module):
     """The HDM denoiser: predicts the flow velocity ε − x0 for a latent x at time t ∈ [0, 1]."""
 
-    def __init__(self, config: XUTConfig, *, ops: Any = nn, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, config: XUTConfig, *, ops: Any = nn, attention: AttentionFn = sdpa_attention,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """ops: a namespace with Linear, Conv2d and LayerNorm (torch.nn, or ComfyUI's comfy.ops); attention: the
+        attention operation every block calls (see layers.AttentionFn; default torch SDPA)."""
         super().__init__()
         self.config = cfg = config
         kw = dict(ops=ops, dtype=dtype, device=device)
+        block_kw = dict(kw, attention=attention)
         self.in_patch = PatchIn(cfg.input_dim, cfg.dim, cfg.patch_size, **kw)
         self.time_emb = TimestepEmbedding(cfg.dim, **kw)
         if cfg.addon_info_embs_dim:
@@ -76,11 +101,13 @@ class XUT(nn.Module):
         self.shared_adaln_attn = adaln_mlp(cfg.dim, **kw)
         self.shared_adaln_xattn = adaln_mlp(cfg.dim, **kw)
         self.shared_adaln_ffw = adaln_mlp(cfg.dim, **kw)
-        self.prev_tread_trns = BlockStack(cfg.tread_config.prev_trns_depth, cfg, **kw)
-        self.backbone = Backbone(cfg, **kw)
-        self.post_tread_trns = BlockStack(cfg.tread_config.post_trns_depth, cfg, **kw)
+        self.prev_tread_trns = BlockStack(cfg.tread_config.prev_trns_depth, cfg, **block_kw)
+        self.backbone = Backbone(cfg, **block_kw)
+        self.post_tread_trns = BlockStack(cfg.tread_config.post_trns_depth, cfg, **block_kw)
         self.out_patch = PatchOut(cfg.dim, cfg.input_dim, cfg.patch_size, **kw)
         self.gradient_checkpointing = False
+        # Registration order is execution order: prev, encoder groups, decoder groups, post.
+        self.block_names = tuple(name for name, m in self.named_modules() if isinstance(m, Block))
 
     def init_for_training(self) -> None:
         """The official from-scratch init: zero last adaLN / aspect layers, near-zero output projection."""
@@ -94,10 +121,21 @@ class XUT(nn.Module):
             nn.init.normal_(self.out_patch.proj.weight, std=1.0 / self.config.dim ** 2)
             self.out_patch.proj.bias.zero_()
 
-    def _run(self, block: Block, *args: Any) -> torch.Tensor:
+    def _call(self, block: Block, *args: Any) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def _run(self, index: int, block: Block, seq: torch.Tensor, ps: _Pass,
+             memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Block `index` on the stream, through the pass's block hook when there is one."""
+        if ps.hook is None:
+            return self._call(block, seq, ps.pos, ps.mods, memory, ps.mask, ps.options)
+
+        def run(a: dict[str, Any]) -> torch.Tensor:
+            return self._call(block, a["x"], a["pos"], a["mods"], a.get("memory"), a.get("mask"), a.get("options"))
+        args = {"x": seq, "pos": ps.pos, "mods": ps.mods, "memory": memory, "mask": ps.mask, "options": ps.options}
+        return ps.hook(index, self.block_names[index], run, args)
 
     def forward(
         self,
@@ -110,6 +148,8 @@ class XUT(nn.Module):
         tread_rate: float | None = None,
         generator: torch.Generator | None = None,
         ctx_mask: torch.Tensor | None = None,
+        block_hook: BlockHook | None = None,
+        attn_options: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Velocity for x [B, C, H, W] at t (B values in [0, 1]) given text states ctx [B, L, ctx_dim].
 
@@ -120,6 +160,8 @@ class XUT(nn.Module):
         tread_rate: route with random indices at this rate instead (0 or None = off), drawn from `generator`.
         ctx_mask: [B or 1, L], True on real text tokens; the others (padding, to batch contexts of different
         lengths) are hidden from every attention. None = all real, the unmasked path.
+        block_hook: called in place of every block (see `BlockHook`); None = the blocks run as they are.
+        attn_options: keyword arguments passed to every call of the attention operation (see layers.AttentionFn).
         """
         cfg, p = self.config, self.config.patch_size
         b, _, height, width = x.shape
@@ -142,23 +184,26 @@ class XUT(nn.Module):
                 raise ValueError(f"ctx_mask covers {ctx_mask.shape[-1]} tokens but ctx has {text.shape[1]}")
             ctx_mask = ctx_mask.to(x.device).expand(b, -1)                            # (B, L)
         mask = None if ctx_mask is None else key_padding_mask(ctx_mask, n)            # (B, 1, 1, N + L)
+        ps = _Pass(pos, mods, mask, block_hook, attn_options)
 
-        for block in self.prev_tread_trns.blocks:
-            seq = self._run(block, seq, pos, mods, None, mask)
+        prev = self.prev_tread_trns.blocks
+        for i, block in enumerate(prev):
+            seq = self._run(i, block, seq, ps)
 
         index = self._route(tread_keep, tread_rate, generator, b, n, x.device)
         if index is None:
-            seq = self._backbone(seq, pos, mods, mask)
+            seq = self._backbone(seq, ps, len(prev))
         else:
             k = index.shape[1]
             routed = torch.cat((gather_tokens(seq[:, :n], index), seq[:, n:]), dim=1)   # (B, K + L, D)
             routed_pos = torch.cat((gather_tokens(pos[:, :n], index), pos[:, n:]), dim=1)
             routed_mask = None if ctx_mask is None else key_padding_mask(ctx_mask, k)
-            routed = self._backbone(routed, routed_pos, mods, routed_mask)
+            routed = self._backbone(routed, replace(ps, pos=routed_pos, mask=routed_mask), len(prev))
             seq = torch.cat((restore_tokens(seq[:, :n], routed[:, :k], index), routed[:, k:]), dim=1)
 
-        for block in self.post_tread_trns.blocks:
-            seq = self._run(block, seq, pos, mods, None, mask)
+        post = self.post_tread_trns.blocks
+        for i, block in enumerate(post, len(self.block_names) - len(post)):
+            seq = self._run(i, block, seq, ps)
         return self.out_patch(seq[:, :n], h, w)                                       # (B, C, H, W)
 
     def _positions(self, pos_map: torch.Tensor | None, b: int, height: int, width: int, text_tokens: int,
@@ -202,13 +247,13 @@ class XUT(nn.Module):
                              f"got {keep.dtype} {list(keep.shape)}")
         return keep.to(device)
 
-    def _backbone(self, seq: torch.Tensor, pos: torch.Tensor, mods: dict[str, Modulation],
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        for group in self.backbone.enc_blocks:
-            for block in group:
-                seq = self._run(block, seq, pos, mods, None, mask)
+    def _backbone(self, seq: torch.Tensor, ps: _Pass, first: int) -> torch.Tensor:
+        """The encoder then decoder groups; `first` is the execution index of the first encoder block."""
+        encoder = [block for group in self.backbone.enc_blocks for block in group]
+        decoder = [block for group in self.backbone.dec_blocks for block in group]
+        for i, block in enumerate(encoder, first):
+            seq = self._run(i, block, seq, ps)
         memory = seq  # every decoder group cross-attends to the LAST encoder output (text tokens included)
-        for group in self.backbone.dec_blocks:
-            for block in group:
-                seq = self._run(block, seq, pos, mods, memory if block.has_cross else None, mask)
+        for i, block in enumerate(decoder, first + len(encoder)):
+            seq = self._run(i, block, seq, ps, memory if block.has_cross else None)
         return seq

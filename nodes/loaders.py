@@ -52,8 +52,10 @@ class HDMSplitLoader:
                           {"tooltip": "XUT weights in models/diffusion_models."}),
             "clip_name": (loading.list_files("text_encoders"), {"tooltip": "Qwen3-0.6B in models/text_encoders."}),
             "vae_name": (loading.list_files("vae"), {"tooltip": "EQ-SDXL-VAE in models/vae."}),
-            "weight_dtype": (loading.WEIGHT_DTYPES,
-                             {"tooltip": "Diffusion-model weight dtype; default lets ComfyUI choose for the device."}),
+            "weight_dtype": (loading.WEIGHT_DTYPES, {"tooltip": (
+                "Diffusion-model weight dtype; default lets ComfyUI choose for the device. fp8_*: half the memory "
+                "of fp16, each layer computed in fp16/bf16/fp32 where the device has no fp8 maths (fp8_e4m3fn_fast: "
+                "fp8 matmuls on GPUs that have them, e.g. Ada / Hopper).")}),
         }}
 
     @classmethod

@@ -34,7 +34,11 @@ from ..hdm_core.weights import DTYPES, check_finite, check_weights
 from .model import HDMEQVAE, HDMModelConfig, HDMPixelSpace
 from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
 
-WEIGHT_DTYPES = ["default", *DTYPES]  # "default": ComfyUI picks the dtype for the device
+# ComfyUI's fp8 weight dtypes, as its UNETLoader spells them: (storage dtype, fp8 matmuls where the device has them).
+# Where it cannot compute in fp8 (CPU, GPUs before Ada), ComfyUI's manual cast runs each layer in fp16/bf16/fp32.
+FP8_DTYPES = {"fp8_e4m3fn": (torch.float8_e4m3fn, False), "fp8_e4m3fn_fast": (torch.float8_e4m3fn, True),
+              "fp8_e5m2": (torch.float8_e5m2, False)}
+WEIGHT_DTYPES = ["default", *DTYPES, *FP8_DTYPES]  # "default": ComfyUI picks the dtype for the device
 PIXEL_SPACE_VAE = {"pixel_space_vae": torch.tensor(1.0)}  # what comfy.sd.VAE builds its pixel-space VAE from
 # What belongs in each model folder, for messages.
 FOLDER_CONTENT = {"checkpoints": f"the HDM single file (e.g. {RELEASED_FILE})",
@@ -84,10 +88,22 @@ def read_part(read: Callable[..., Any], name: str, *args: Any) -> Any:
 # Building MODEL / CLIP / VAE
 # ---------------------------------------------------------------------------------------------------
 
+def model_options(weight_dtype: str) -> dict:
+    """A weight-dtype widget value as ComfyUI's model_options ({"dtype", "fp8_optimizations"}, as UNETLoader)."""
+    if weight_dtype in FP8_DTYPES:
+        dtype, fast = FP8_DTYPES[weight_dtype]
+        return {"dtype": dtype, "fp8_optimizations": fast}
+    return {"dtype": DTYPES.get(weight_dtype)}
+
+
 def build_model(xut_sd: Mapping[str, torch.Tensor], config: XUTConfig, latent_format: Any, *,
-                dtype: torch.dtype | None = None, te_config: dict | None = None) -> Any:
-    """A ModelPatcher around HDMModel, with ComfyUI's dtype selection and initial placement."""
+                options: dict | None = None, te_config: dict | None = None) -> Any:
+    """A ModelPatcher around HDMModel, with ComfyUI's dtype selection (or options["dtype"]), manual cast and
+    initial placement; options["fp8_optimizations"]: fp8 matmuls on devices that support them."""
+    options = options or {}
     model_config = HDMModelConfig(config, latent_format=latent_format, te_config=te_config)
+    model_config.optimizations["fp8"] = bool(options.get("fp8_optimizations"))
+    dtype = options.get("dtype")
     parameters = comfy.utils.calculate_parameters(xut_sd)
     load_device = mm.get_torch_device()
     if dtype is None:
@@ -161,5 +177,5 @@ def load_split(unet_name: str, clip_name: str, vae_name: str, weight_dtype: str 
     vae_sd = None if pixel else read_part(vae_part, vae_name, vae_file)
     mean, std = vae_stats(vae_file if "vae_mean" in vae_file else sd)
     model = build_model(xut_sd, config, latent_format(config, pixel, mean, std),
-                        dtype=DTYPES.get(weight_dtype), te_config=te_config)
+                        options=model_options(weight_dtype), te_config=te_config)
     return model, build_clip(te_sd, te_config), build_vae(vae_sd, vae_metadata)

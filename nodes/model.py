@@ -7,13 +7,20 @@
 * The text context is a `CONDRegular`, not a `CONDCrossAttn`: ComfyUI never repeats a shorter cond/uncond
   context into a longer one (HDM's text tokens join self-attention, SPEC §10); contexts of different lengths
   simply run as separate model calls.
+* `HDMDiffusionModel` plugs ComfyUI's machinery into XUT's two injection points: attention is ComfyUI's
+  `optimized_attention` (attention flags and overrides apply), and every block runs through a hook that sets
+  `transformer_options["block_index"]` and honours `patches_replace["dit"][("double_block", i)]`; its forward
+  runs inside ComfyUI's DIFFUSION_MODEL wrapper executor (EasyCache, TorchCompileModel).
 """
 
 from __future__ import annotations
 
 import comfy.conds
 import comfy.latent_formats
+import comfy.ldm.modules.attention
 import comfy.model_base
+import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 import torch
@@ -23,7 +30,7 @@ from ..hdm_core.config import XUTConfig
 from ..hdm_core.layout import TE_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
 from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD, channel_stats
-from ..hdm_core.xut import XUT
+from ..hdm_core.xut import XUT, BlockHook
 from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
 from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
 
@@ -90,15 +97,78 @@ class HDMPixelSpace(comfy.latent_formats.LatentFormat):
 # Diffusion model
 # ---------------------------------------------------------------------------------------------------
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+BLOCK_PATCH = "double_block"  # patches_replace["dit"][(BLOCK_PATCH, i)], the key ComfyUI's DiT-generic nodes use
+
+
+def comfy_attention(q, k, v, mask=None, transformer_options=None):
+    """XUT's attention operation in ComfyUI: `optimized_attention`, the backend the --use-*-attention flags chose
+    (looked up per call), which defers to transformer_options["optimized_attention_override"] when set."""
+    if mask is not None:  # ComfyUI's backends add a float mask to the scores: 0 = attend, −max = hidden
+        mask = (mask.to(q.dtype) - 1) * torch.finfo(q.dtype).max
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True,
+                                                           transformer_options=transformer_options or {})
+
+
+def comfy_block_hook(transformer_options: dict, total_blocks: int) -> BlockHook:
+    """XUT's block hook in ComfyUI, as ComfyUI's DiT models do it: block i (execution order over all blocks) sets
+    transformer_options "block_index" (and "hdm_block", its state-dict name) and runs through
+    patches_replace["dit"][("double_block", i)] when a node set one; the stream is args["img"], as in flux."""
+    patches = transformer_options.get("patches_replace", {}).get("dit", {})
+    transformer_options.update(total_blocks=total_blocks, block_type="double")
+
+    def hook(index, name, run, args):
+        transformer_options.update(block_index=index, hdm_block=name)
+        patch = patches.get((BLOCK_PATCH, index))
+        if patch is None:
+            return run(args)
+
+        def original_block(a: dict) -> dict:
+            options = {"transformer_options": a.get("transformer_options", transformer_options)}
+            return {"img": run({"x": a["img"], "pos": a["pos"], "mods": a["vec"], "memory": a.get("memory"),
+                                "mask": a.get("attn_mask"), "options": options})}
+        out = patch({"img": args["x"], "pos": args["pos"], "vec": args["mods"], "memory": args["memory"],
+                     "attn_mask": args["mask"], "transformer_options": transformer_options},
+                    {"original_block": original_block})
+        return out["img"]
+    return hook
+
+
+def keep_small_tensors_float32(model: torch.nn.Module) -> None:
+    """fp8 weights: tensors outside ComfyUI's ops layers (RMSNorm gains, RoPE log-frequencies, timestep
+    frequencies; 0.02 % of XUT-base's values) stay float32: at 2–3 mantissa bits RoPE and the timestep angles (up to
+    1000 rad) would be wrong (one xut-tiny forward: 1.2 relative error instead of 0.10). Cast to the input dtype at
+    use."""
+    for module in model.modules():
+        if isinstance(module, comfy.ops.CastWeightBiasOp):
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor.dtype in FP8_DTYPES:
+                tensor.data = tensor.data.float()
+
+
 class HDMDiffusionModel(XUT):
-    """XUT with ComfyUI's calling convention; same state-dict keys as the official model."""
+    """XUT with ComfyUI's calling convention, attention and block patches; the official state-dict keys."""
 
     def __init__(self, xut_config: dict, image_model: str = "hdm_xut", dtype=None, device=None, operations=None):
-        super().__init__(XUTConfig.from_dict(xut_config), ops=operations or torch.nn, dtype=dtype, device=device)
+        super().__init__(XUTConfig.from_dict(xut_config), ops=operations or torch.nn, attention=comfy_attention,
+                         dtype=dtype, device=device)
         self.dtype = dtype  # read by BaseModel.get_dtype()
+        if dtype in FP8_DTYPES:
+            keep_small_tensors_float32(self)
 
-    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, x_shift=None,
-                y_shift=None, zoom=None, tread_gamma=0.0, **kwargs):
+    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
+        """ComfyUI's entry: the DIFFUSION_MODEL wrappers (EasyCache, …) run around `_forward`, as in flux."""
+        transformer_options = {} if transformer_options is None else transformer_options
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        if wrappers:  # EasyCache's skip adds its cached difference to this input in place; in the sampler's dtype
+            x = x.clone()  # (fp32) it is the tensor ComfyUI then takes x0 = x − σ·v from, so it gets a copy
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timesteps, context, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context, control, transformer_options, x_shift=None, y_shift=None, zoom=None,
+                 tread_gamma=0.0, **kwargs):
         if context is not None and context.shape[-1] != self.config.ctx_dim:
             raise ValueError(
                 f"the conditioning has {context.shape[-1]} features per token but this HDM model expects "
@@ -119,7 +189,9 @@ class HDMDiffusionModel(XUT):
         aspect = torch.full((b,), aspect_info(height, width), device=x.device)
         # HDM-ext / the official loop give the model t in its dtype (fp16: t is rounded before ×1000).
         out = super().forward(x, timesteps.to(x.dtype), context, pos_map=pos_map, aspect=aspect,
-                              tread_rate=float(tread_gamma) or None)
+                              tread_rate=float(tread_gamma) or None,
+                              block_hook=comfy_block_hook(transformer_options, len(self.block_names)),
+                              attn_options={"transformer_options": transformer_options})
         return out[..., :height, :width]
 
 

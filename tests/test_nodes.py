@@ -36,7 +36,7 @@ def pack():
 def glue(pack, monkeypatch):
     """A fake nodes/loading.py (and nodes.sampling.hdm_sample) recording calls."""
     fake = types.ModuleType(f"{PKG}.nodes.loading")
-    fake.WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16"]
+    fake.WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     fake.calls = []
     fake.list_files = lambda kind: {"checkpoints": ["hdm-xut-340M-1024px-note.safetensors"]}.get(kind, [f"{kind}.st"])
     fake.missing_file_message = lambda kind, name: None if name.endswith((".safetensors", ".st")) else f"{name} missing"
@@ -208,8 +208,10 @@ def test_loaders_delegate_and_validate(pack, glue):
     assert list(split.INPUT_TYPES()["required"]) == ["unet_name", "clip_name", "vae_name", "weight_dtype"]
     assert split.VALIDATE_INPUTS("a.st", "b.st", "c.st") is True
     assert split.VALIDATE_INPUTS("a.st", "b.pt", "c.pt") == "b.pt missing c.pt missing"
-    split().load("a.st", "b.st", "c.st", "fp16")
-    assert glue.calls[-1] == ("load_split", ("a.st", "b.st", "c.st", "fp16"), {})
+    for weight_dtype in ("fp16", "fp8_e4m3fn"):
+        split().load("a.st", "b.st", "c.st", weight_dtype)
+        assert glue.calls[-1] == ("load_split", ("a.st", "b.st", "c.st", weight_dtype), {})
+    assert split.INPUT_TYPES()["required"]["weight_dtype"][0] == glue.WEIGHT_DTYPES
 
 
 def test_sampler_delegates(pack, glue):
