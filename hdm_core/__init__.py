@@ -1,5 +1,6 @@
 """hdm_core: a weights-compatible HDM (Home-made Diffusion Model) inference library in pure PyTorch."""
 
+from .adapters import apply_adapters, load_adapter
 from .config import PRESETS, TreadConfig, XUTConfig, infer_config
 from .rope import aspect_info, camera_pos, camera_position_map, crop_pos, downsample_pos, make_axial_pos
 from .tread import (
@@ -14,7 +15,7 @@ from .tread import (
 from .xut import XUT
 
 __all__ = [
-    "PRESETS", "TreadConfig", "XUTConfig", "infer_config", "XUT",
+    "apply_adapters", "load_adapter", "PRESETS", "TreadConfig", "XUTConfig", "infer_config", "XUT",
     "aspect_info", "camera_pos", "camera_position_map", "crop_pos", "downsample_pos", "make_axial_pos",
     "gather_tokens", "keep_count", "keep_index", "random_keep_index", "random_keep_mask", "restore_tokens",
     "select_tokens",

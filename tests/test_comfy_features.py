@@ -221,3 +221,64 @@ def test_torch_compile_model(server):
     print(f"TorchCompileModel (inductor, CPU): {time.time() - start:.0f} s with compilation, max-abs "
           f"{(got - want).abs().max().item():.1e} from eager")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA / LoKr through ComfyUI's stock loaders
+# ---------------------------------------------------------------------------------------------------
+
+def test_stock_lora_loaders_match_hdm_core_adapters(request, tmp_path_factory, server):
+    """A LoRA (linear and conv weights) through LoraLoaderModelOnly, then a LoKr + LoHa file chained through
+    LoraLoader, in ComfyUI's `diffusion_model.<XUT key>` format: ComfyUI maps every key with no HDM code, and the
+    sampled latent equals hdm_core's apply_adapters + generate (fp32)."""
+    from comfy_harness import CKPT, NEG, POS, normalise
+
+    from hdm_core.adapters import apply_adapters, save_adapter
+    from hdm_core.checkpoint import load_components
+    from hdm_core.pipeline import GenerationParams, generate
+
+    models = session(request, tmp_path_factory).models
+    fresh = lambda: load_components(models["checkpoints"] / CKPT, dtype=torch.float32)  # noqa: E731
+    weights = fresh().model.state_dict()
+    g, lora = torch.Generator().manual_seed(5), {}
+    for key in ("in_patch.proj.weight", "backbone.enc_blocks.0.0.attn.qkv.weight",
+                "backbone.dec_blocks.0.0.mlp.w3.weight"):
+        shape, base = weights[key].shape, "diffusion_model." + key[:-len(".weight")]
+        lora[f"{base}.lora_up.weight"] = torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=g) * 0.2
+        lora[f"{base}.lora_down.weight"] = torch.randn(4, *shape[1:], generator=g) * 0.2
+        lora[f"{base}.alpha"] = torch.tensor(2.0)
+    out, inp = weights["backbone.enc_blocks.0.0.attn.qkv.weight"].shape
+    base = "diffusion_model.backbone.enc_blocks.0.0.attn.qkv"
+    lokr = {f"{base}.lokr_w1": torch.randn(4, 8, generator=g) * 0.3,
+            f"{base}.lokr_w2_a": torch.randn(out // 4, 2, generator=g) * 0.3,
+            f"{base}.lokr_w2_b": torch.randn(2, inp // 8, generator=g) * 0.3, f"{base}.alpha": torch.tensor(3.0)}
+    base = "diffusion_model.backbone.dec_blocks.0.0.attn.qkv"  # a LoHa in the same file
+    lokr |= {f"{base}.hada_{n}": torch.randn(*((out, 3) if n.endswith("a") else (3, inp)), generator=g) * 0.3
+             for n in ("w1_a", "w1_b", "w2_a", "w2_b")} | {f"{base}.alpha": torch.tensor(1.5)}
+    loras = server.base / "models" / "loras"
+    names = {kind: f"hdm_{kind}_{uuid.uuid4().hex[:8]}.safetensors" for kind in ("lora", "lokr")}
+    save_adapter(loras / names["lora"], lora)
+    save_adapter(loras / names["lokr"], lokr)
+
+    params = GenerationParams(prompt=POS, negative_prompt=NEG, width=192, height=128, steps=4, cfg=3.0, seed=42)
+    plain = generate(fresh(), params, decode=False)
+    one = patched(txt2img_graph(sampler=("HDMSampler", HDM_SAMPLER)), "LoraLoaderModelOnly",
+                  lora_name=names["lora"], strength_model=0.8)
+    two = patched(txt2img_graph(sampler=("HDMSampler", HDM_SAMPLER)), "LoraLoaderModelOnly",
+                  lora_name=names["lora"], strength_model=0.8)
+    two["11"] = {"class_type": "LoraLoader", "inputs": {"model": ["8", 0], "clip": ["1", 1], "lora_name": names["lokr"],
+                                                        "strength_model": -0.6, "strength_clip": 0.0}}
+    two["6"]["inputs"]["model"] = ["11", 0]
+    start = len(server.log.read_text())
+    runs = (("LoRA", one, [(lora, 0.8)]), ("LoRA + LoKr/LoHa", two, [(lora, 0.8), (lokr, -0.6)]))
+    for label, graph, adapters in runs:
+        got = normalise(saved_latent(server, server.run(graph)), models)
+        comps = fresh()
+        apply_adapters(comps.model, adapters)
+        want = generate(comps, params, decode=False)
+        err = (got - want).abs().max().item()
+        print(f"{label} (ComfyUI stock loaders) vs hdm_core apply_adapters: max-abs {err:.2e}, change from no "
+              f"adapter {(want - plain).abs().max().item():.2e}")
+        assert err <= 1e-4 and (want - plain).abs().max().item() > 1e-2
+    log = server.log.read_text()[start:]
+    assert "lora key not loaded" not in log and "ERROR" not in log, log[-2000:]

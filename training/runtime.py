@@ -1,4 +1,4 @@
-"""Process-level plumbing for the trainer: process group, seed mixing, stop signals, gathers."""
+"""Process-level plumbing for the trainer: process group, CPU threads, seed mixing, stop signals, gathers."""
 
 from __future__ import annotations
 
@@ -10,15 +10,35 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+CPU_THREADS = 1  # intra-op threads of a CPU process when OMP_NUM_THREADS is not set
+
+
+def set_cpu_threads() -> int:
+    """Fix this process's intra-op threads: OMP_NUM_THREADS when set (the override), else CPU_THREADS → the count.
+
+    A fixed number, never derived from the cores or the load: float sums split across another thread count
+    round differently, so a run's result would change with the machine's load. One thread is also the safe
+    choice where cores are shared: on a busy 2-core machine PyTorch's default (one thread per core) ran the demo's
+    training steps 13 times slower than one thread, while on an idle one it was only 1.4 times faster
+    (demo/README.md has the measurements). torchrun sets OMP_NUM_THREADS=1 for every process it starts.
+    """
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(raw) if raw.isdigit() and int(raw) > 0 else CPU_THREADS
+    torch.set_num_threads(threads)
+    return threads
+
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """NCCL on GPUs, gloo on CPU; a plain `python -m` run is one process without a process group."""
+    """NCCL on GPUs, gloo on CPU; a plain `python -m` run is one process without a process group. A CPU run's
+    thread count is fixed by `set_cpu_threads`."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    else:
+        set_cpu_threads()
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return rank, world, dev
