@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hdm_core.checkpoint import load_components
 from hdm_core.pipeline import GenerationParams, generate, image_grid, to_pil
 from training.runtime import set_cpu_threads
-from training.toy_data import parse_caption, prompts, toy_samples
+from training.toy_data import make_dataset, parse_caption, prompts
 
 from .measure import chance_level, measure
 
@@ -83,11 +83,7 @@ def repo_relative(path: Path) -> str:
 def write_dataset(root: Path, n: int, seed: int) -> Path:
     """training.toy_data's shapes (what make_dataset writes), with a progress bar; an earlier run's files go."""
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    for stem, img, caption in progress(toy_samples(n, seed), "dataset", total=n):
-        img.save(root / f"{stem}.png")
-        (root / f"{stem}.txt").write_text(caption, encoding="utf-8")
-    return root
+    return make_dataset(root, n, seed, progress=lambda samples: progress(samples, "dataset", total=n))
 
 
 def launcher_command(data: Path, runs: Path, steps: int | None, recipe: Path = RECIPE,

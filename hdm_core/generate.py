@@ -22,7 +22,7 @@ from .checkpoint import PICKLE_SUFFIXES, load_components
 from .images import open_rgb
 from .pipeline import GenerationParams, generate, to_pil
 from .sampling import SAMPLERS, SamplingCancelled
-from .weights import DTYPES, atomic_write
+from .weights import DTYPES, atomic_write, check_writable
 
 
 def default_device() -> str:
@@ -126,7 +126,7 @@ def prepare(args: argparse.Namespace) -> tuple[GenerationParams, str, torch.Tens
         if Path(path).suffix.lower() in PICKLE_SUFFIXES or not Path(path).is_file():
             raise ValueError(f"--lora {path}: not a .safetensors file here (adapters are read from safetensors only)")
     device = check_device(args.device or default_device())
-    check_writable(Path(args.out))
+    check_writable(args.out, "choose another --out", what="the output folder ")
     init = None
     if args.init_image:
         img = open_rgb(args.init_image).resize((params.width, params.height), Image.LANCZOS)
@@ -164,17 +164,6 @@ def check_device(device: str) -> str:
         have = ", ".join(k for k, ok in available.items() if ok)
         raise ValueError(f"--device {device}: this machine has no {kind} device (available: {have})")
     return device
-
-
-def check_writable(out: Path) -> None:
-    """Create the output folder and prove a file can be written there, before any model is loaded."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".hdm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"cannot write to the output folder {out}: {err.strerror or err}; choose another --out") from None
 
 
 def sample(comps: object, params: GenerationParams, init: torch.Tensor | None) -> torch.Tensor:

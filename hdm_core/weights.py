@@ -44,10 +44,15 @@ def _cast(key: str, value: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     if expected.is_floating_point() and not value.is_floating_point():
         raise CheckpointError(f"tensor {key!r} is stored as {value.dtype} (a quantised checkpoint); HDM loads "
                               f"float weights: use the fp16/bf16/fp32 release or dequantise the file first")
-    if dtype is None and value.dtype.itemsize == 1 and value.is_floating_point():
+    if dtype is None and is_fp8(value.dtype):
         raise CheckpointError(f"tensor {key!r} is stored as {value.dtype}; fp8 weights need a compute dtype: pass "
                               f"dtype=torch.bfloat16 (CLI: --dtype bf16)")
     return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is one of torch's 8-bit float storage types (float8_e4m3fn, float8_e5m2, …)."""
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def check_finite(sd: Mapping[str, torch.Tensor], *, what: str) -> None:
@@ -91,6 +96,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_writable(folder: str | os.PathLike, fix: str, what: str = "") -> None:
+    """Create `folder` and write and remove a small file in it, so that a read-only folder or a full disk fails
+    before expensive work, with "cannot write to {what}{folder} (reason); {fix}"."""
+    folder = Path(folder)
+    probe = folder / f".hdm-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"hdm")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to {what}{folder} ({err.strerror or err}); {fix}") from err
 
 
 def _umask() -> int:

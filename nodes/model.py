@@ -30,6 +30,7 @@ from ..hdm_core.config import XUTConfig
 from ..hdm_core.layout import TE_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
 from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD, channel_stats
+from ..hdm_core.weights import is_fp8
 from ..hdm_core.xut import XUT, BlockHook
 from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
 from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
@@ -97,7 +98,6 @@ class HDMPixelSpace(comfy.latent_formats.LatentFormat):
 # Diffusion model
 # ---------------------------------------------------------------------------------------------------
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 BLOCK_PATCH = "double_block"  # patches_replace["dit"][(BLOCK_PATCH, i)], the key ComfyUI's DiT-generic nodes use
 
 
@@ -143,7 +143,7 @@ def keep_small_tensors_float32(model: torch.nn.Module) -> None:
         if isinstance(module, comfy.ops.CastWeightBiasOp):
             continue
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor.dtype in FP8_DTYPES:
+            if is_fp8(tensor.dtype):
                 tensor.data = tensor.data.float()
 
 
@@ -154,7 +154,7 @@ class HDMDiffusionModel(XUT):
         super().__init__(XUTConfig.from_dict(xut_config), ops=operations or torch.nn, attention=comfy_attention,
                          dtype=dtype, device=device)
         self.dtype = dtype  # read by BaseModel.get_dtype()
-        if dtype in FP8_DTYPES:
+        if dtype is not None and is_fp8(dtype):
             keep_small_tensors_float32(self)
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):

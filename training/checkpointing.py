@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hdm_core import weights
 from hdm_core.checkpoint import save_single_file
 from hdm_core.config import XUTConfig
 from hdm_core.weights import atomic_write
@@ -76,17 +77,10 @@ def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[st
 
 
 def check_writable(*folders: Path) -> None:
-    """Create each folder and write and remove a small file in it, so a read-only folder or a full disk fails
-    before the first training step instead of at the first checkpoint."""
-    for folder in map(Path, folders):
-        probe = folder / f".write_test_{os.getpid()}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"hdm")
-            probe.unlink()
-        except OSError as err:
-            raise OSError(f"cannot write to {folder} ({err.strerror or err}); make it writable, free space, or set "
-                          f"run.out_dir to a writable folder") from err
+    """Each folder exists and takes a file, so a read-only folder or a full disk fails before the first training
+    step instead of at the first checkpoint."""
+    for folder in folders:
+        weights.check_writable(folder, "make it writable, free space, or set run.out_dir to a writable folder")
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:

@@ -16,7 +16,7 @@ import argparse
 import io
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +123,13 @@ def toy_samples(n: int, seed: int = 0, **kw) -> Iterator[tuple[str, Image.Image,
         yield f"{i:05d}", img, caption
 
 
-def make_dataset(root: str | Path, n: int = 3000, seed: int = 0, **kw) -> Path:
+def make_dataset(root: str | Path, n: int = 3000, seed: int = 0, progress: Callable[[Iterable], Iterable] = iter,
+                 **kw) -> Path:
     """Write n PNG + same-stem .txt pairs to root (deterministic from the seed; existing files are replaced).
-    Keyword arguments go to `sample` (vignette, canvases)."""
+    `progress` wraps the sample iterator (e.g. a tqdm bar); other keyword arguments go to `sample`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stem, img, caption in toy_samples(n, seed, **kw):
+    for stem, img, caption in progress(toy_samples(n, seed, **kw)):
         img.save(root / f"{stem}.png")
         (root / f"{stem}.txt").write_text(caption, encoding="utf-8")
     return root
