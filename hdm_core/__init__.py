@@ -1,6 +1,6 @@
 """hdm_core: a weights-compatible HDM (Home-made Diffusion Model) inference library in pure PyTorch."""
 
-from .adapters import apply_adapters, load_adapter
+from .adapters import adapters_applied, apply_adapters, load_adapter, save_adapter
 from .config import PRESETS, TreadConfig, XUTConfig, infer_config
 from .rope import aspect_info, camera_pos, camera_position_map, crop_pos, downsample_pos, make_axial_pos
 from .tread import (
@@ -15,7 +15,8 @@ from .tread import (
 from .xut import XUT
 
 __all__ = [
-    "apply_adapters", "load_adapter", "PRESETS", "TreadConfig", "XUTConfig", "infer_config", "XUT",
+    "adapters_applied", "apply_adapters", "load_adapter", "save_adapter", "PRESETS", "TreadConfig", "XUTConfig",
+    "infer_config", "XUT",
     "aspect_info", "camera_pos", "camera_position_map", "crop_pos", "downsample_pos", "make_axial_pos",
     "gather_tokens", "keep_count", "keep_index", "random_keep_index", "random_keep_mask", "restore_tokens",
     "select_tokens",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .adapters import apply_adapters
-from .checkpoint import PICKLE_SUFFIXES, load_components
+from .adapters import apply_adapters, check_adapter_files, lora_arg
+from .checkpoint import load_components
 from .images import open_rgb
 from .pipeline import GenerationParams, generate, to_pil
 from .sampling import SAMPLERS, SamplingCancelled
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt files (they can run code)")
     src.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="FILE[:STRENGTH]",
                      help="merge a LoRA/LoHa/LoKr .safetensors (ComfyUI keys) at STRENGTH (default 1.0) into the "
-                          "diffusion model; repeat for several")
+                          "diffusion model (and its text-encoder keys into the text encoder); repeat for several")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", required=True, help="what to draw (required)")
     g.add_argument("--negative-prompt", default="", help="what to steer away from (the uncond pass of CFG)")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         comps = load_components(args.checkpoint, diffusion_model=args.diffusion_model, text_encoder=args.text_encoder,
                                 vae=args.vae, dtype=pick_dtype(args.dtype, device), device=device,
                                 allow_pickle=args.allow_pickle)
-        apply_adapters(comps.model, args.lora)
+        apply_adapters(comps.model, args.lora, text_encoder=comps.text_encoder)
         print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         if args.compile:
             comps.model = torch.compile(comps.model)
@@ -122,9 +121,7 @@ def prepare(args: argparse.Namespace) -> tuple[GenerationParams, str, torch.Tens
         strength=args.strength, max_prompt_tokens=args.max_prompt_tokens).validate()
     if params.strength < 1.0 and not args.init_image:
         raise ValueError(f"--strength {params.strength} needs --init-image (img2img); without it leave strength at 1")
-    for path, _ in args.lora:
-        if Path(path).suffix.lower() in PICKLE_SUFFIXES or not Path(path).is_file():
-            raise ValueError(f"--lora {path}: not a .safetensors file here (adapters are read from safetensors only)")
+    check_adapter_files(path for path, _ in args.lora)
     device = check_device(args.device or default_device())
     check_writable(args.out, "choose another --out", what="the output folder ")
     init = None
@@ -132,20 +129,6 @@ def prepare(args: argparse.Namespace) -> tuple[GenerationParams, str, torch.Tens
         img = open_rgb(args.init_image).resize((params.width, params.height), Image.LANCZOS)
         init = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
     return params, device, init
-
-
-def lora_arg(text: str) -> tuple[str, float]:
-    """Parse --lora FILE:STRENGTH into (FILE, STRENGTH); a FILE alone (or C:\\x.safetensors) gets strength 1.0."""
-    path, sep, strength = text.rpartition(":")
-    if sep:
-        try:
-            value = float(strength)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: the strength must be a finite number")
-        return path, value
-    return text, 1.0
 
 
 def pick_dtype(name: str | None, device: str) -> torch.dtype:

@@ -45,6 +45,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, x.shape[-1:], self.weight.to(x), self.eps)  # also moves it: lowvram offload
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalisation without the gain: LyCORIS's norm adapter (train_norm) adds w_norm · _norm(x)."""
+        return F.rms_norm(x, x.shape[-1:], None, self.eps)
+
 
 class ModulatedNorm(nn.Module):
     """RMSNorm with a learned gain, then the shared adaLN: norm(x)·(1 + scale) + shift."""

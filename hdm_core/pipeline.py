@@ -4,12 +4,13 @@ sampler, schedule-shift, camera, TREAD-autoguidance and img2img options."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from .adapters import AdapterSource, adapters_applied
 from .checkpoint import HDMComponents
 from .config import latent_size
 from .flow import denoised_from_velocity, interpolate
@@ -176,11 +177,14 @@ def _batched_cfg_denoiser(model: torch.nn.Module, dtype: torch.dtype, cond: torc
 
 @torch.no_grad()
 def generate(components: HDMComponents, params: GenerationParams, *, init_image: torch.Tensor | None = None,
-             callback: Callable[[dict[str, Any]], None] | None = None, decode: bool = True) -> torch.Tensor:
+             callback: Callable[[dict[str, Any]], None] | None = None, decode: bool = True,
+             loras: Sequence[tuple[AdapterSource, float]] = ()) -> torch.Tensor:
     """Run the whole pipeline → images [B, 3, H, W] in [0, 1] (or normalised latents if decode=False).
 
     init_image [B or 1, 3, H, W] in [0, 1] with params.strength < 1 gives img2img. The callback receives the
-    k-diffusion step dict; raise `hdm_core.sampling.SamplingCancelled` from it to stop.
+    k-diffusion step dict; raise `hdm_core.sampling.SamplingCancelled` from it to stop. loras: (.safetensors path
+    or state dict, strength) pairs merged into the model and text encoder for this call only (the components are
+    restored bit for bit afterwards; see `hdm_core.adapters.adapters_applied`).
     """
     params.validate()
     model, te, vae = components.model, components.text_encoder, components.vae
@@ -190,6 +194,9 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
         raise ValueError("this checkpoint has no VAE: load an EQ-SDXL-VAE file, or ask for latents (decode=False)")
     if init_image is None and params.strength < 1.0:
         raise ValueError(f"strength {params.strength} is for img2img: pass an init image, or use strength 1")
+    if loras:  # the touched weights are saved and put back: cheaper than copying the components
+        with adapters_applied(components.model, loras, text_encoder=te):
+            return generate(components, params, init_image=init_image, callback=callback, decode=decode)
     device = next(model.parameters()).device
     cfg = components.config
     downscale = getattr(vae, "downscale_factor", 8)

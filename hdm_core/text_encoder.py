@@ -222,6 +222,10 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode_padded(self, prompts: list[str] | str, max_length: int = 256) -> torch.Tensor:
         """Training batch: right-pad with PAD_TOKEN_ID to max_length, truncate, mask into Qwen3 -> [B, T, hidden]."""
+        return self.padded_hidden(prompts, max_length)
+
+    def padded_hidden(self, prompts: list[str] | str, max_length: int = 256) -> torch.Tensor:
+        """`encode_padded` with autograd on (a trainer adapting the text encoder)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if max_length < 1:

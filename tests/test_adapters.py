@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from hdm_core import PRESETS, XUT
-from hdm_core.adapters import apply_adapters, load_adapter, save_adapter
+from hdm_core.adapters import TEXT_ENCODER_PREFIX, apply_adapters, load_adapter, save_adapter
+from hdm_core.checkpoint import load_components
 from hdm_core.generate import main as generate_main
+from hdm_core.pipeline import GenerationParams, generate
+from hdm_core.text_encoder import TextEncoder
 from hdm_core.weights import CheckpointError
 
 LINEAR = "backbone.enc_blocks.0.0.attn.qkv.weight"  # [192, 64]
@@ -123,20 +126,129 @@ def test_bad_adapters_are_refused_by_name(model, tmp_path):
     assert torch.equal(m.state_dict()[LINEAR], w)
 
 
-def test_cli_lora_flag(tiny_checkpoint, tmp_path, capsys):
+def test_cli_lora_flag(tiny_checkpoint, encoder, tmp_path, capsys):
     from safetensors import safe_open
 
     with safe_open(str(tiny_checkpoint), "pt") as f:
         shape = f.get_slice("unet.model." + LINEAR).get_shape()
     path = save_adapter(tmp_path / "style.safetensors", lora({LINEAR: torch.Size(shape)}, alpha=8.0))
+    te_path = save_adapter(tmp_path / "te.safetensors", te_lora(encoder))  # text-encoder keys only
     common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--width", "32", "--height", "32", "--steps",
               "2", "--device", "cpu"]
     images = {}
     for name, extra in (("plain", []), ("zero", ["--lora", f"{path}:0"]),
-                        ("lora", ["--lora", f"{path}:1.5", "--lora", str(path)])):
+                        ("lora", ["--lora", f"{path}:1.5", "--lora", str(path)]), ("te", ["--lora", str(te_path)])):
         out = tmp_path / name
         assert generate_main([*common, "--out", str(out), *extra]) == 0
         images[name] = (out / "hdm_0000000000_000.png").read_bytes()
-    assert images["zero"] == images["plain"] != images["lora"]
-    assert generate_main([*common, "--out", str(tmp_path / "bad"), "--lora", str(tmp_path / "missing.pt")]) == 2
-    assert "missing.pt: not a .safetensors file" in capsys.readouterr().err
+    assert images["zero"] == images["plain"] != images["lora"] and images["te"] not in (images["plain"], images["lora"])
+    for name, message in (("missing.safetensors", "missing.safetensors: not a .safetensors file here"),
+                          ("lora.pt", "lora.pt: a pickle file")):
+        assert generate_main([*common, "--out", str(tmp_path / "bad"), "--lora", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole differences (diff / diff_b, LyCORIS norm w_norm / b_norm)
+# ---------------------------------------------------------------------------------------------------
+
+LAYERNORM = "shared_adaln_attn.0"  # LayerNorm(64) with a bias
+RMSNORM = "backbone.enc_blocks.0.0.attn_pre_norm.norm"  # RMSNorm(64), no bias
+BIASED = "shared_adaln_attn.1"  # Linear(64 → 256) with a bias
+
+
+def test_diff_and_norm_kinds_add_the_difference(model):
+    g, sd = torch.Generator().manual_seed(5), model.state_dict()
+    t = {f"diffusion_model.{LAYERNORM}.w_norm": torch.randn(64, generator=g),
+         f"diffusion_model.{LAYERNORM}.b_norm": torch.randn(64, generator=g),
+         f"diffusion_model.{RMSNORM}.w_norm": torch.randn(64, generator=g),
+         f"diffusion_model.{BIASED}.diff": torch.randn(256, 64, generator=g),
+         f"diffusion_model.{BIASED}.diff_b": torch.randn(256, generator=g),
+         f"diffusion_model.{BIASED}.alpha": torch.tensor(8.0)}  # alpha does not scale a whole difference
+    s = -0.6
+    got = merged(model, [(t, s)]).state_dict()
+    for module, param, name in ((LAYERNORM, "weight", "w_norm"), (LAYERNORM, "bias", "b_norm"),
+                                (RMSNORM, "weight", "w_norm"), (BIASED, "weight", "diff"), (BIASED, "bias", "diff_b")):
+        key = f"{module}.{param}"
+        torch.testing.assert_close(got[key], sd[key] + s * t[f"diffusion_model.{module}.{name}"])
+    untouched = [k for k in sd if not k.startswith((LAYERNORM + ".", RMSNORM + ".", BIASED + "."))]
+    assert all(torch.equal(got[k], sd[k]) for k in untouched)
+
+    bad = [({f"diffusion_model.{RMSNORM}.b_norm": torch.zeros(64)}, f"{RMSNORM}.b_norm"),  # RMSNorm has no bias
+           ({f"diffusion_model.{BIASED}.diff": torch.zeros(256, 64), f"diffusion_model.{BIASED}.w_norm":
+             torch.zeros(256, 64)}, "several adapter kinds"),
+           ({f"diffusion_model.{LAYERNORM}.w_norm": torch.zeros(32)}, "norm update of shape [32] does not fit")]
+    for sd_bad, message in bad:
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[")):
+            merged(model, [(sd_bad, 1.0)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text-encoder keys
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoder(tiny_parts) -> TextEncoder:
+    return TextEncoder.from_state_dict(tiny_parts["te"])
+
+
+def te_lora(encoder: TextEncoder, seed: int = 7) -> dict[str, torch.Tensor]:
+    """LoRA on two Qwen3 projections, under ComfyUI's CLIP keys for HDM's text encoder."""
+    g, sd, weights = torch.Generator().manual_seed(seed), {}, encoder.model.state_dict()
+    for module in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        out_dim, in_dim = weights[module + ".weight"].shape
+        sd[f"{TEXT_ENCODER_PREFIX}{module}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
+        sd[f"{TEXT_ENCODER_PREFIX}{module}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
+    return sd
+
+
+def test_text_encoder_keys_change_the_text_encoder(model, encoder):
+    adapter = {**te_lora(encoder), **lora({LINEAR: model.state_dict()[LINEAR].shape})}
+    before = encoder.encode("a red circle")[0]
+    m, te = copy.deepcopy(model), copy.deepcopy(encoder)
+    apply_adapters(m, [(adapter, 0.0)], text_encoder=te)
+    assert torch.equal(te.encode("a red circle")[0], before)
+    apply_adapters(m, [(adapter, 1.0)], text_encoder=te)
+    assert (te.encode("a red circle")[0] - before).abs().max() > 1e-3
+    assert not torch.equal(m.state_dict()[LINEAR], model.state_dict()[LINEAR])
+    apply_adapters(copy.deepcopy(model), [(te_lora(encoder), 1.0)], text_encoder=te.model)  # a bare Qwen3Model too
+
+    with pytest.raises(CheckpointError, match="keys are for the text encoder, .* but no text encoder was given"):
+        apply_adapters(copy.deepcopy(model), [(adapter, 1.0)])
+    other = {k.replace("qwen3_06b", "clip_l"): v for k, v in te_lora(encoder).items()}
+    with pytest.raises(CheckpointError, match="match no weight of this XUT, e.g. .'text_encoders.clip_l"):
+        apply_adapters(copy.deepcopy(model), [(other, 1.0)], text_encoder=te)
+    wrong_layer = {k.replace("layers.1.", "layers.9."): v for k, v in te_lora(encoder).items()}
+    with pytest.raises(CheckpointError, match="match no weight of this Qwen3 text encoder, e.g. .*layers.9"):
+        apply_adapters(copy.deepcopy(model), [(wrong_layer, 1.0)], text_encoder=te)
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate(..., loras=)
+# ---------------------------------------------------------------------------------------------------
+
+def test_pipeline_loras_apply_for_the_call_only(tiny_checkpoint, tmp_path):
+    comps = load_components(tiny_checkpoint)
+    adapter = {**te_lora(comps.text_encoder), **lora({LINEAR: comps.model.state_dict()[LINEAR].shape}, alpha=8.0)}
+    path = save_adapter(tmp_path / "a.safetensors", adapter)
+    before = {k: v.clone() for m in (comps.model, comps.text_encoder) for k, v in m.state_dict().items()}
+    params = GenerationParams(prompt="a red circle", width=32, height=32, steps=2, seed=3)
+    plain = generate(comps, params, decode=False)
+
+    assert torch.equal(generate(comps, params, decode=False, loras=[(path, 0.0)]), plain)
+    adapted = generate(comps, params, decode=False, loras=[(path, 1.0)])
+    baked = copy.deepcopy(comps)
+    apply_adapters(baked.model, [(adapter, 1.0)], text_encoder=baked.text_encoder)
+    torch.testing.assert_close(adapted, generate(baked, params, decode=False), rtol=0, atol=1e-5)
+    # several at once: the same adapter twice at 0.5 (the sum in float32 differs from 1.0 by rounding only)
+    twice = generate(comps, params, decode=False, loras=[(path, 0.5), (adapter, 0.5)])
+    torch.testing.assert_close(twice, adapted, rtol=1e-3, atol=1e-3 * adapted.abs().max().item())
+    assert (adapted - plain).abs().max() > 1e-3
+    after = {k: v for m in (comps.model, comps.text_encoder) for k, v in m.state_dict().items()}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    for loras, message in (([(path, float("nan"))], "strength must be a finite number"),
+                           ([path], "pairs, got a PosixPath"), ([(tmp_path / "no.pt", 1.0)], "pickle")):
+        with pytest.raises(ValueError, match=message):
+            generate(comps, params, decode=False, loras=loras)
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import training.train as train_module
+from training.captions import CaptionRules
 from training.checkpointing import (
     CHECKPOINT_KEYS,
     DamagedCheckpoint,
@@ -30,7 +31,7 @@ from training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.data import CaptionRules, FolderDataset, SampleSpec, header_size, load_image
+from training.data import FolderDataset, SampleSpec, header_size, load_image
 from training.monitor import CSV_FIELDS, plot_loss_curve
 from training.recipe import Recipe, load_recipe, resume_conflicts
 from training.shards import count_samples

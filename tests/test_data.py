@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from hdm_core.rope import area_downsample_pos, crop_pos, make_axial_pos
+from training.captions import CaptionRules, process_caption
 from training.data import (
     BatchPlan,
-    CaptionRules,
     FolderDataset,
     FolderSource,
     SampleSpec,
@@ -22,7 +22,6 @@ from training.data import (
     make_buckets,
     make_sample,
     nearest_bucket,
-    process_caption,
     resize_and_crop,
 )
 from training.shards import ShardSource, ShardStream, count_samples, expand_shards

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import CaptionRules
+from training.captions import CaptionRules
 from training.recipe import apply_overrides, load_recipe, parse_override, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"

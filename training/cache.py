@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from hdm_core.weights import atomic_write
 
-from .data import CaptionRules, Sample, SampleSpec, crop_position_map, list_images, open_image, process_caption
+from .captions import CaptionRules, process_caption
+from .data import Sample, SampleSpec, crop_position_map, list_images, open_image
 from .encoders import build_text_encoder, build_vae
 from .recipe import Recipe, load_recipe
 

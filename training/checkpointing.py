@@ -146,6 +146,11 @@ def load_init_weights(source: str) -> tuple[dict[str, torch.Tensor], XUTConfig]:
                                 f"export (runs/<stage>/export/<stage>.safetensors) or the released checkpoint")
     if path.suffix == ".pt":
         state = load_checkpoint(path)
+        method = state["recipe"].get("finetune", {}).get("method", "full")
+        if method != "full":
+            raise ValueError(f"model.init_from {source} is a checkpoint of a {method} adapter run: it holds the "
+                             f"adapter, not the model. Point model.init_from at the base model, or merge the "
+                             f"run's export into it first (python -m hdm_core.merge)")
         weights = state["ema"] if state.get("ema") else state["model"]
         return weights, XUTConfig.from_dict(state["config"])
     model = load_xut(path, dtype=torch.float32)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from hdm_core.images import MAX_PIXELS, open_rgb, to_rgb
 
+from .captions import CaptionRules, process_caption
 from .runtime import mix_seed
 
 log = logging.getLogger("training.data")
@@ -34,56 +35,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_CORRUPT_IN_A_ROW = 50
 MAX_IMAGE_PIXELS = MAX_PIXELS  # a larger training image is skipped, unread (64 MP: 8000 x 8000)
 EXIF_ORIENTATION, EXIF_TRANSPOSED = 0x0112, (5, 6, 7, 8)  # orientations that swap width and height
-
-
-# ---------------------------------------------------------------------------------------------------
-# Captions
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CaptionRules:
-    """How a caption file becomes the training caption; a recipe's [data.captions] table."""
-
-    keep_separator: str = "|||"          # text before it is always kept, in order
-    group_separator: str = "%%"
-    tag_separator: str = "$$"
-    tag_dropout: float = 0.0
-    group_dropout: float = 0.0
-    shuffle: bool = False                # shuffle the tags within each group, and the groups
-    caption_dropout: float = 0.0         # whole caption -> "" (for CFG); the official trainer has none
-
-    def __post_init__(self) -> None:
-        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"data.captions.{name} {getattr(self, name)} must be a probability in [0, 1]")
-
-
-def process_caption(text: str, rules: CaptionRules, rng: random.Random) -> str:
-    """HDM/kohya caption augmentation: keep section, then groups of tags, each dropped and shuffled (TRAINING §5.3).
-
-    `keep|||g1tag1$$g1tag2%%g2tag1` → keep tags in order, then the surviving groups' surviving tags, joined ", ".
-    A caption without separators is one tag in one group.
-    """
-    if rules.caption_dropout and rng.random() < rules.caption_dropout:
-        return ""
-    text = text.strip()
-    keep: list[str] = []
-    if rules.keep_separator and rules.keep_separator in text:
-        head, text = text.split(rules.keep_separator, 1)
-        keep = [t.strip() for t in head.split(rules.tag_separator) if t.strip()]
-    groups = [g for g in text.split(rules.group_separator)] if rules.group_separator else [text]
-    out: list[list[str]] = []
-    for group in groups:
-        tags = [t.strip() for t in group.split(rules.tag_separator) if t.strip()]
-        tags = [t for t in tags if not (rules.tag_dropout and rng.random() < rules.tag_dropout)]
-        if rules.shuffle:
-            rng.shuffle(tags)
-        if tags:
-            out.append(tags)
-    if rules.shuffle:
-        rng.shuffle(out)
-    out = [g for g in out if not (rules.group_dropout and rng.random() < rules.group_dropout)]
-    return ", ".join(keep + [t for g in out for t in g])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,6 +124,7 @@ class Sample:
     ctx: torch.Tensor | None = None            # (L, D) cached text embedding of the caption
     skipped: int = 0                           # unreadable files this sample replaced
     position: tuple[int, ...] = ()             # where the source's plan is (see FolderSource / ShardSource)
+    loss_weight: torch.Tensor | None = None    # () its dataset's loss weight (training.datasets); None = 1
 
 
 @dataclass
@@ -188,6 +140,7 @@ class Batch:
     ctx: torch.Tensor | None = None            # (B, L, D)
     skipped: int = 0                           # unreadable files replaced or dropped while reading it
     position: tuple[int, ...] = ()
+    loss_weight: torch.Tensor | None = None    # (B,) multiplies each sample's loss; None = all 1
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on `device` (asynchronous copies from pinned memory)."""
@@ -210,7 +163,7 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(pos=stack("pos"), aspect=torch.tensor([s.aspect for s in samples], dtype=torch.float32),
                  captions=[s.caption for s in samples], pixels=stack("pixels"), latent_mean=stack("latent_mean"),
                  latent_std=stack("latent_std"), ctx=stack("ctx"), skipped=sum(s.skipped for s in samples),
-                 position=samples[0].position)
+                 position=samples[0].position, loss_weight=stack("loss_weight"))
 
 
 def make_sample(img: Image.Image, caption: str, size: tuple[int, int], spec: SampleSpec,
@@ -229,6 +182,12 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     """8-bit RGB, upright, decoded fully (so truncated files fail here, not later); ValueError naming the file on
     anything unreadable or over MAX_IMAGE_PIXELS (refused before decoding)."""
     return open_rgb(source, max_pixels=MAX_IMAGE_PIXELS)
+
+
+def read_caption(image: Path) -> str:
+    """The caption of an image: its same-stem .txt file, or "" when there is none."""
+    txt = Path(image).with_suffix(".txt")
+    return txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
 
 
 def header_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
@@ -279,11 +238,14 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 class FolderDataset(torch.utils.data.Dataset):
     """Images with same-stem .txt captions (a missing .txt is an empty caption). Keys are (index, epoch, h, w),
-    optionally followed by the batch number; `load_sample` turns a file into a Sample (see `LoadSample`)."""
+    optionally followed by the batch number and the copy number (a file read several times in an epoch, see
+    training.datasets); `load_sample` turns a file into a Sample (see `LoadSample`). `files` (default: every
+    image under root) is the list to read, e.g. without held-out validation files."""
 
     def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int,
-                 load_sample: LoadSample = load_image) -> None:
-        self.root, self.files, self.spec, self.seed = Path(root), list_images(root), spec, seed
+                 load_sample: LoadSample = load_image, files: list[Path] | None = None) -> None:
+        self.root, self.spec, self.seed = Path(root), spec, seed
+        self.files = list_images(root) if files is None else files
         self.load_sample = load_sample
         self._warned: set[int] = set()
 
@@ -291,8 +253,7 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def caption(self, i: int) -> str:
-        txt = self.files[i].with_suffix(".txt")
-        return txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+        return read_caption(self.files[i])
 
     def image_size(self, i: int) -> tuple[int, int] | None:
         """(height, width) from the header only; None when unreadable."""
@@ -303,9 +264,10 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, ...]) -> Sample:
         index, epoch, h, w = key[:4]
+        copy = f"/{key[5]}" if len(key) > 5 and key[5] else ""  # copy 0 keeps the seed of a file read once
         for skipped in range(MAX_CORRUPT_IN_A_ROW):
             i = (index + skipped) % len(self.files)
-            rng = random.Random(f"{self.seed}/{epoch}/{i}")
+            rng = random.Random(f"{self.seed}/{epoch}/{i}{copy}")
             try:
                 sample = self.load_sample(self.files[i], self.caption(i), (h, w), self.spec, rng)
                 break
@@ -347,30 +309,49 @@ def epoch_plan(sizes: list[tuple[int, int] | None], epoch: int,
     return [[(i, epoch, *(size or (0, 0))) for i in idx] for size, idx in batches[plan.rank::plan.world][:per_rank]]
 
 
+# epoch -> the (file index, copy) pairs that epoch reads, a pure function of (seed, epoch) (training.datasets)
+EpochItems = Callable[[int], list[tuple[int, int]]]
+
+
 class PlanSampler(torch.utils.data.Sampler):
-    """Endless batch sampler over epochs from (epoch, batch); keys are (index, epoch, h, w, batch)."""
+    """Endless batch sampler over epochs from (epoch, batch); keys are (index, epoch, h, w, batch, copy).
+    `items` says what an epoch reads when files repeat; None reads every file once."""
 
-    def __init__(self, sizes: list, plan: BatchPlan, resolution: int, start: tuple[int, int] = (0, 0)) -> None:
-        self.sizes, self.plan, self.resolution, self.start = sizes, plan, resolution, start
-        self.batches_per_epoch = len(epoch_plan(sizes, 0, plan))
+    def __init__(self, sizes: list, plan: BatchPlan, resolution: int, start: tuple[int, int] = (0, 0),
+                 items: EpochItems | None = None) -> None:
+        self.sizes, self.plan, self.resolution, self.start, self.items = sizes, plan, resolution, start, items
+        self.lengths: dict[int, int] = {}
+        self.batches_per_epoch = self.epoch_length(0)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
-        epoch, first, r = *self.start, self.resolution
+    def epoch(self, epoch: int) -> list[list[tuple[int, int, int, int, int, int]]]:
+        """This rank's batches of one epoch, as dataset keys."""
+        items = self.items(epoch) if self.items else [(i, 0) for i in range(len(self.sizes))]
+        batches = epoch_plan([self.sizes[i] for i, _ in items], epoch, self.plan)
+        self.lengths[epoch], r = len(batches), self.resolution
+        return [[(items[j][0], e, h or r, w or r, b, items[j][1]) for j, e, h, w in batch]
+                for b, batch in enumerate(batches)]
+
+    def epoch_length(self, epoch: int) -> int:
+        """Batches in this rank's epoch (the same every epoch unless fractional repeats vary it)."""
+        return self.lengths[epoch] if epoch in self.lengths else len(self.epoch(epoch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int, int]]]:
+        epoch, first = self.start
         while True:
-            batches = epoch_plan(self.sizes, epoch, self.plan)
-            for b in range(first, len(batches)):
-                yield [(i, e, h or r, w or r, b) for i, e, h, w in batches[b]]
+            yield from self.epoch(epoch)[first:]
             epoch, first = epoch + 1, 0
 
 
 class FolderSource:
-    """Endless iterator of collated batches from an image folder; `state()` is the next (epoch, batch)."""
+    """Endless iterator of collated batches from an image folder (or a training.datasets.DatasetMix, with its
+    `items`); `state()` is the next (epoch, batch)."""
 
-    def __init__(self, dataset: FolderDataset, plan: BatchPlan, workers: int = 0, state: dict | None = None) -> None:
+    def __init__(self, dataset: FolderDataset, plan: BatchPlan, workers: int = 0, state: dict | None = None,
+                 items: EpochItems | None = None) -> None:
         sizes = [dataset.image_size(i) for i in range(len(dataset))] if plan.buckets else [None] * len(dataset)
         self.unreadable_at_start = sum(s is None for s in sizes) if plan.buckets else 0
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
-        self.sampler = PlanSampler(sizes, plan, dataset.spec.resolution, self.position)
+        self.sampler = PlanSampler(sizes, plan, dataset.spec.resolution, self.position, items)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
@@ -379,7 +360,7 @@ class FolderSource:
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             epoch, b = batch.position
-            self.position = (epoch, b + 1) if b + 1 < self.batches_per_epoch else (epoch + 1, 0)
+            self.position = (epoch, b + 1) if b + 1 < self.sampler.epoch_length(epoch) else (epoch + 1, 0)
             yield batch
 
     def state(self) -> dict:

@@ -1,16 +1,19 @@
-"""Rank-0 run monitoring: progress bar, CSV log, TensorBoard (optional), loss-curve PNG (matplotlib), sample grids."""
+"""Rank-0 run monitoring: progress bar, CSV log, TensorBoard (optional), loss-curve PNG (matplotlib), sample grids
+labelled with their prompts (PNG files and TensorBoard images)."""
 
 from __future__ import annotations
 
 import csv
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from hdm_core.pipeline import image_grid, make_denoiser, seeded_noise, to_pil
 from hdm_core.rope import make_axial_pos
@@ -19,8 +22,10 @@ from hdm_core.weights import atomic_write
 
 from .recipe import Recipe
 
-CSV_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "skipped",
-              "elapsed_s"]
+CSV_FIELDS = ["step", "epoch", "loss", "val_loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s",
+              "skipped", "elapsed_s"]
+MIN_TILE = 192       # sample tiles are upscaled (nearest) to at least this width, so their labels fit
+LABEL_LINES = 3      # lines of prompt text under each tile
 
 
 class Monitor:
@@ -67,11 +72,19 @@ class Monitor:
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s", "skipped"):
                 self.tb.add_scalar(f"train/{key}", float(row[key]), int(row["step"]))
+            if row["val_loss"] != "":
+                self.tb.add_scalar("val/loss", float(row["val_loss"]), int(row["step"]))
         text = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['samples_per_s']:.1f} samples/s"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         else:
             print(f"step {row['step']}: {text}", flush=True)
+
+    def image(self, tag: str, image: Image.Image, step: int, prompts: list[str]) -> None:
+        """A sample grid in TensorBoard (an image, and its prompts as text); nothing without TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.tb.add_text(f"{tag}/prompts", "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)), step)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -124,18 +137,19 @@ class Meter:
             raise FloatingPointError(f"the loss became NaN or Inf before step {step}; nothing after it was saved. "
                                      f"Lower optim.lr, or use train.precision='bf16', and resume")
 
-    def read(self, world: int) -> dict[str, float]:
-        """Mean loss and throughput over all ranks (one all-reduce), then start a new window."""
-        counts = torch.tensor([self.micro_batches, self.samples, self.tokens], dtype=torch.float64,
+    def read(self, world: int, skipped: int = 0) -> dict[str, float]:
+        """Mean loss and throughput over all ranks, and the sum of the ranks' `skipped` counts (one all-reduce),
+        then start a new window."""
+        counts = torch.tensor([self.micro_batches, self.samples, self.tokens, skipped], dtype=torch.float64,
                               device=self.device)
         stats = torch.cat((self.loss[None], counts))
         if world > 1:
             dist.all_reduce(stats)
         elapsed = max(time.time() - self.start, 1e-9)
-        loss, micro_batches, samples, tokens = stats.tolist()
+        loss, micro_batches, samples, tokens, skipped = stats.tolist()
         self.reset()
         return {"loss": loss / max(micro_batches, 1), "samples_per_s": samples / elapsed,
-                "image_tokens_per_s": tokens / elapsed}
+                "image_tokens_per_s": tokens / elapsed, "skipped": int(skipped)}
 
 
 def plot_loss_curve(csv_path: Path, out: Path) -> None:
@@ -180,4 +194,18 @@ def sample_grid(model: torch.nn.Module, text_encoder: Any, vae: Any, recipe: Rec
         latents = sample_euler(denoise, noise, flow_sigmas(rn.sample_steps).to(device))
     images = vae.decode(latents.float()).cpu()  # (P, 3, H, W) in [0, 1]
     model.train(was_training)
-    return image_grid(to_pil(images), background="black")
+    return image_grid([labelled(im, p) for im, p in zip(to_pil(images), prompts)], pad=2, background="black")
+
+
+def labelled(image: Image.Image, prompt: str) -> Image.Image:
+    """The image (upscaled to MIN_TILE wide when smaller) above a strip with its prompt, wrapped."""
+    if image.width < MIN_TILE:
+        scale = -(-MIN_TILE // image.width)
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    lines = textwrap.wrap(prompt or '""', width=max(8, image.width // 7))
+    if len(lines) > LABEL_LINES:
+        lines = lines[:LABEL_LINES - 1] + [lines[LABEL_LINES - 1][:-1] + "…"]
+    tile = Image.new("RGB", (image.width, image.height + 4 + 12 * LABEL_LINES), "black")
+    tile.paste(image, (0, 0))
+    ImageDraw.Draw(tile).multiline_text((3, image.height + 2), "\n".join(lines), fill="white", spacing=2)
+    return tile

@@ -1,11 +1,11 @@
 """Training recipes: one TOML file per stage, parsed into a `Recipe` dataclass. Unknown keys are an error.
 
-A recipe has a top-level `name`, an optional `notes` string, and five tables: [model], [data] (with its
-[data.captions] sub-table), [optim], [train], [run]. Overrides use dotted keys (`optim.lr=0.1`,
-`data.path="/data/set"`, `data.captions.tag_dropout=0.1`); values are parsed as TOML, and anything that is not
-valid TOML is taken as a string. Every number must be finite (TOML's `nan` and `inf` are refused by key); each
-section checks its own ranges when it is built (`__post_init__`). `resume_conflicts` is the rule for which keys
-a resumed run may change.
+A recipe has a top-level `name`, an optional `notes` string, and six tables: [model], [data] (with its
+[data.captions] sub-table), [finetune] (training/finetune.py), [optim], [train], [run]. Overrides use dotted
+keys (`optim.lr=0.1`, `data.path="/data/set"`, `data.captions.tag_dropout=0.1`); values are parsed as TOML,
+and anything that is not valid TOML is taken as a string. Every number must be finite (TOML's `nan` and `inf`
+are refused by key); each section checks its own ranges when it is built (`__post_init__`). `resume_conflicts`
+is the rule for which keys a resumed run may change.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 from hdm_core.weights import DTYPES
 
-from .data import CaptionRules
+from .captions import CaptionRules
+from .finetune import FinetuneSection
 
 try:
     import tomllib
@@ -66,6 +67,11 @@ class DataSection:
     shuffle_buffer: int = 1000           # tar streams: samples held for shuffling within a rank
     num_samples: int = 0                 # tar streams: dataset size (0 = count the shards at start-up)
     cache: str = ""                      # folder written by `python -m training.cache` (latents, text)
+    # Fine-tuning datasets (training/datasets.py, docs/training.md):
+    datasets: list = field(default_factory=list)  # [[data.datasets]]: path, repeats, loss_weight, regularization
+    folder_repeats: bool = True          # a subfolder `<N>_<name>` repeats its images N times per epoch (kohya)
+    validation_split: float = 0.0        # fraction of each dataset's files held out by path hash; 0 = off
+    validation_path: str = ""            # a folder of validation images (never trained on)
 
     def __post_init__(self) -> None:
         if self.resolution < 2 or self.resolution % 2:
@@ -77,6 +83,29 @@ class DataSection:
         if self.workers < 0 or self.shuffle_buffer < 1 or self.num_samples < 0:
             raise ValueError(f"data.workers {self.workers} and data.num_samples {self.num_samples} must be >= 0, "
                              f"data.shuffle_buffer {self.shuffle_buffer} >= 1")
+        self._check_datasets()
+
+    def _check_datasets(self) -> None:
+        from .datasets import parse_datasets  # imported here: a new module, kept out of this file's imports
+
+        self.datasets = parse_datasets(self.datasets)
+        if self.datasets and self.path:
+            raise ValueError(f"set either data.path ({self.path!r}) or [[data.datasets]], not both; a single "
+                             f"folder can be one [[data.datasets]] entry")
+        if self.datasets and self.cache:
+            raise ValueError("data.cache (cached latents) supports a single data.path; remove it to read the "
+                             "[[data.datasets]] images")
+        shards = [f"data.datasets[{i}].path {e.path!r}" for i, e in enumerate(self.datasets)
+                  if data_kind(e.path) != "folder"]
+        if shards:
+            raise ValueError(f"{shards[0]} is tar shards; tar shards are one dataset: set data.path to them and "
+                             f"remove [[data.datasets]]")
+        if not 0.0 <= self.validation_split <= 0.5:
+            raise ValueError(f"data.validation_split {self.validation_split} must be in [0, 0.5] (0 = off), "
+                             f"e.g. 0.05")
+        if self.validation_split and self.kind == "tar shards":
+            raise ValueError("data.validation_split needs image folders; with tar shards set data.validation_path "
+                             "to a folder of held-out images")
 
     @property
     def kind(self) -> str:
@@ -143,6 +172,7 @@ class RunSection:
     save_every: int = 500                # optimizer steps between checkpoints
     keep_last: int = 3
     sample_every: int = 0                # optimizer steps between sample grids; 0 = off
+    val_every: int = 100                 # optimizer steps between validation losses (with validation data)
     sample_prompts: list = field(default_factory=list)
     sample_steps: int = 32
     sample_cfg: float = 2.5
@@ -153,8 +183,8 @@ class RunSection:
     def __post_init__(self) -> None:
         if self.export_dtype not in PRECISIONS:
             raise ValueError(f"run.export_dtype {self.export_dtype!r} must be one of {PRECISIONS}")
-        if self.keep_last < 1 or self.save_every < 1 or self.log_every < 1:
-            raise ValueError("run.keep_last, run.save_every and run.log_every must be >= 1")
+        if self.keep_last < 1 or self.save_every < 1 or self.log_every < 1 or self.val_every < 1:
+            raise ValueError("run.keep_last, run.save_every, run.log_every and run.val_every must be >= 1")
         if self.sample_every < 0 or self.sample_steps < 1:
             raise ValueError(f"run.sample_every {self.sample_every} must be >= 0 (0 = off) and run.sample_steps "
                              f"{self.sample_steps} >= 1")
@@ -166,6 +196,7 @@ class Recipe:
     notes: str = ""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     run: RunSection = field(default_factory=RunSection)
@@ -178,7 +209,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "finetune": FinetuneSection, "optim": OptimSection,
                     "train": TrainSection, "run": RunSection}
 
 
@@ -296,6 +327,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 # some (optim.*) would even be silently replaced by the checkpoint's values. data.path may move, but not between
 # a folder and tar shards; data.workers with tar shards must give the same number of streams (the stream says so).
 RESUME_MAY_CHANGE = ("name", "notes", "run.", "data.path", "data.cache", "data.workers", "data.num_samples",
+                     "data.validation_path",
                      "train.epochs", "train.max_steps", "train.precision", "train.reference_world_size",
                      "model.compile", "model.gradient_checkpointing", "model.encoder_dtype")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import random
@@ -30,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hdm_core.config import PRESETS, XUTConfig, latent_size
+from hdm_core.adapters import save_adapter
+from hdm_core.config import XUTConfig
 from hdm_core.weights import DTYPES, atomic_write
 from hdm_core.xut import XUT
 
-from .cache import CachedSamples
 from .checkpointing import (
     check_writable,
     checkpoint_dir,
@@ -44,86 +43,21 @@ from .checkpointing import (
     resume_position,
     save_checkpoint,
 )
-from .data import Batch, BatchPlan, FolderDataset, FolderSource, SampleSpec, load_image, make_buckets
+from .data import Batch
 from .encoders import build_text_encoder, build_vae
+from .finetune import Adapters, check_recipe, export_metadata
 from .loss import training_loss
+from .model import build_model, build_trainee, check_fit, model_config
 from .monitor import Meter, Monitor, sample_grid
 from .optim import WarmupCosine, build_optimizer, lr_schedule, update_ema
 from .recipe import Recipe, check_resumable, load_recipe
 from .runtime import StopRequest, gather, mix_seed, setup_distributed
-from .shards import open_shards
-
-# ---------------------------------------------------------------------------------------------------
-# Helpers: model
-# ---------------------------------------------------------------------------------------------------
-
-def model_config(recipe: Recipe, init_config: XUTConfig | None) -> XUTConfig:
-    """Preset (or the init checkpoint's config) + recipe overrides, with the recipe's TREAD rate recorded."""
-    m = recipe.model
-    if m.preset:
-        if m.preset not in PRESETS:
-            raise ValueError(f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        base = PRESETS[m.preset].to_dict()
-    elif init_config is not None:
-        base = init_config.to_dict()
-    else:
-        raise ValueError("model.preset is empty and there is no model.init_from to take the config from")
-    over = dict(m.config)
-    over["tread_config"] = {**base["tread_config"], **over.get("tread_config", {}), "dropout_ratio": m.tread_rate}
-    return XUTConfig.from_dict({**base, **over})
-
-
-def check_fit(recipe: Recipe, cfg: XUTConfig, text_encoder: Any, vae: Any) -> None:
-    """The encoders fit the model, and the data's pixel sizes are whole patches of latents."""
-    if text_encoder.hidden_size != cfg.ctx_dim or vae.latent_channels != cfg.input_dim:
-        raise ValueError(f"encoders do not fit the model: text hidden {text_encoder.hidden_size} vs ctx_dim "
-                         f"{cfg.ctx_dim}, VAE channels {vae.latent_channels} vs input_dim {cfg.input_dim}; "
-                         f"fix model.text_encoder / model.vae or model.config")
-    d = recipe.data
-    for name, side in {"resolution": d.resolution, **({"bucket_step": d.bucket_step} if d.bucketing else {})}.items():
-        try:
-            latent_size(side, side, downscale=vae.downscale_factor, patch=cfg.patch_size)
-        except ValueError as err:
-            raise ValueError(f"data.{name} {side}: {err}") from err
-
-
-def build_model(recipe: Recipe, cfg: XUTConfig, init_sd: dict | None,
-                device: torch.device) -> tuple[XUT, XUT | None]:
-    """The XUT to train (official init, or model.init_from's weights) and its EMA copy (None when off)."""
-    model = XUT(cfg, device=device)
-    if init_sd is None:
-        model.init_for_training()
-    else:
-        try:
-            model.load_state_dict(init_sd)
-        except RuntimeError as err:
-            raise ValueError(f"model.init_from {recipe.model.init_from} does not match the recipe's model "
-                             f"{cfg.to_dict()}: {str(err)[:300]}") from err
-    model.gradient_checkpointing = recipe.model.gradient_checkpointing
-    model.train()
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if recipe.train.ema_decay > 0 else None
-    return model, ema
-
+from .sources import build_data
+from .validation import open_validation, validation_loss
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers: data
 # ---------------------------------------------------------------------------------------------------
-
-def build_data(recipe: Recipe, factor: int, rank: int, world: int, state: dict | None) -> tuple[Any, int]:
-    """The rank's endless batch iterator (folder or tar shards) and its micro-batches per epoch."""
-    d = recipe.data
-    if not d.path:
-        raise ValueError("data.path is empty; pass data.path=/path/to/images (a folder with .txt captions) "
-                         "or data.path='/path/to/shards/*.tar'")
-    spec = SampleSpec(d.resolution, factor, d.captions)
-    buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio) if d.bucketing else None
-    plan = BatchPlan(recipe.train.seed, recipe.train.batch_size, rank, world, buckets)
-    if d.kind == "tar shards":
-        return open_shards(d, spec, plan, state)
-    load_sample = CachedSamples(Path(d.cache), Path(d.path)) if d.cache else load_image
-    source = FolderSource(FolderDataset(d.path, spec, recipe.train.seed, load_sample), plan, d.workers, state)
-    return source, source.batches_per_epoch
-
 
 def forever(source: Any) -> Iterator[Batch]:
     while True:
@@ -157,8 +91,16 @@ class Stage:
     step: int = 0
     seen: int = 0                        # samples, all ranks
     skipped: int = 0                     # unreadable files met by this rank in this process
+    skipped_before: int = 0              # ... by all ranks before this process (from the checkpoint)
+    adapters: Adapters | None = None     # adapter runs: the trained part (the XUT is frozen)
+    validation: list[Batch] | None = None  # this rank's fixed validation batches (None: no validation data)
     ddp: torch.nn.Module | None = None   # `model` behind DDP (when world > 1)
     forward: torch.nn.Module | None = None  # `ddp`, compiled when model.compile: computes the loss
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        """What the optimizer updates and a checkpoint holds: the adapters, or the whole XUT."""
+        return self.adapters if self.adapters is not None else self.model
 
     @property
     def global_batch(self) -> int:
@@ -171,14 +113,14 @@ class Stage:
 
 def restore(st: Stage, state: dict) -> None:
     """Weights, optimizer, schedule, scaler, counters and (rank 0) RNG states of a checkpoint."""
-    st.model.load_state_dict(state["model"])
+    st.trainable.load_state_dict(state["model"])
     if st.ema is not None and state.get("ema"):
         st.ema.load_state_dict(state["ema"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when the checkpoint's train.precision was not fp16: start a fresh scale
         st.scaler.load_state_dict(state["scaler"])
-    st.step, st.seen = state["step"], state["samples_seen"]
+    st.step, st.seen, st.skipped_before = state["step"], state["samples_seen"], state.get("skipped", 0)
     if st.rank == 0:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(tuple(state["rng"]["python"]))
@@ -191,7 +133,7 @@ def build_stage(recipe: Recipe, rank: int, world: int, device: torch.device, res
     enc_dtype = DTYPES[recipe.model.encoder_dtype] if device.type == "cuda" else torch.float32
     text_encoder = build_text_encoder(recipe.model.text_encoder, enc_dtype, device)
     vae = build_vae(recipe.model.vae, enc_dtype, device)
-    # 2. Model: from scratch (official init) or from model.init_from; EMA.
+    # 2. Model: from scratch (official init) or from model.init_from; EMA; adapters on the frozen model.
     init_sd, init_cfg = load_init_weights(recipe.model.init_from) if recipe.model.init_from else (None, None)
     cfg = model_config(recipe, init_cfg)
     if state is not None and XUTConfig.from_dict(state["config"]) != cfg:
@@ -199,23 +141,25 @@ def build_stage(recipe: Recipe, rank: int, world: int, device: torch.device, res
                          f"{cfg.to_dict()}; start a new run (name / run.out_dir) with model.init_from={resume_path}")
     check_fit(recipe, cfg, text_encoder, vae)
     model, ema = build_model(recipe, cfg, init_sd, device)
+    adapters, trainee = build_trainee(recipe, model, text_encoder)
     # 3. Data, from the checkpoint's position when resuming.
     data_state = resume_position(state, rank, world, resume_path) if state is not None else None
     source, micro_per_epoch = build_data(recipe, vae.downscale_factor, rank, world, data_state)
+    validation = open_validation(recipe, vae.downscale_factor, rank, world)
     t = recipe.train
     total_steps = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
     # 4. Optimizer (muP groups, fused on GPU), warmup + cosine, GradScaler for fp16; restore a checkpoint.
-    opt, sched = build_optimizer(model, recipe.optim, total_steps)
+    opt, sched = build_optimizer(adapters if adapters is not None else model, recipe.optim, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     st = Stage(recipe=recipe, rank=rank, world=world, device=device, config=cfg, model=model, ema=ema,
                text_encoder=text_encoder, vae=vae, source=source, micro_per_epoch=micro_per_epoch,
                total_steps=total_steps, opt=opt, sched=sched, schedule=lr_schedule(recipe.optim, total_steps),
-               scaler=scaler)
+               scaler=scaler, adapters=adapters, validation=validation)
     if state is not None:
         restore(st, state)
     # 5. DDP and compile wrap the restored model.
-    st.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                 gradient_as_bucket_view=True) if world > 1 else model
+    st.ddp = DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None,
+                 gradient_as_bucket_view=True) if world > 1 else trainee
     st.forward = torch.compile(st.ddp) if recipe.model.compile else st.ddp
     return st
 
@@ -224,10 +168,17 @@ def announce(st: Stage, resume_path: Path | None) -> None:
     """The run's size and batch on rank 0, and a note when the world size is not the recipe's."""
     if st.rank != 0:
         return
-    t = st.recipe.train
+    t, init_from = st.recipe.train, st.recipe.model.init_from
+    start = f"resumes from {resume_path}" if resume_path else f"starts from {init_from}" if init_from else \
+        "starts from the official initialisation"
     print(f"[{st.recipe.name}] XUT {sum(p.numel() for p in st.model.parameters()) / 1e6:.2f}M params, "
           f"{st.world} rank(s) on {st.device}, global batch {st.global_batch}, {st.total_steps} steps "
-          f"({st.micro_per_epoch} micro-batches/epoch/rank), resume from {resume_path or 'nothing'}")
+          f"({st.micro_per_epoch} micro-batches/epoch/rank); {start}")
+    if st.adapters is not None:
+        ft, trained = st.recipe.finetune, sum(p.numel() for p in st.adapters.parameters())
+        print(f"[{st.recipe.name}] {ft.method} adapter on {len(st.adapters.paths)} modules "
+              f"({', '.join(ft.modules)}{', norms' if ft.train_norm else ''}): {trained / 1e6:.3f}M trainable "
+              f"parameters; the base weights are frozen")
     if st.world != t.reference_world_size:
         print(f"note: the recipe was tuned for a global batch of "
               f"{t.batch_size * t.reference_world_size * t.grad_accum}; this run uses {st.global_batch} "
@@ -245,11 +196,11 @@ def optimizer_step(st: Stage, data: Iterator[Batch], meter: Meter) -> torch.Tens
         last = micro == t.grad_accum - 1
         with st.ddp.no_sync() if st.world > 1 and not last else contextlib.nullcontext():
             loss = training_loss(st.forward, batch.to(st.device), st.text_encoder, st.vae, st.recipe.model, gen,
-                                 st.autocast, st.config.patch_size)
+                                 st.autocast, st.config.patch_size, train_text=st.recipe.finetune.adapts_text_encoder)
             st.scaler.scale(loss / t.grad_accum).backward()
         meter.add(loss, len(batch.captions), batch.pos.shape[0] * batch.pos.shape[1] // st.config.patch_size**2)
     st.scaler.unscale_(st.opt)
-    params = [p for p in st.model.parameters() if p.requires_grad]
+    params = [p for p in st.trainable.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, st.recipe.optim.grad_clip or float("inf"))
     st.scaler.step(st.opt)
     st.scaler.update()
@@ -263,20 +214,33 @@ def optimizer_step(st: Stage, data: Iterator[Batch], meter: Meter) -> torch.Tens
 
 def save(st: Stage) -> None:
     """A checkpoint with everything a resume needs; every rank's data position is gathered, rank 0 writes."""
-    data_states = gather(st.source.state(), st.world)
+    data_states, skipped = zip(*gather((st.source.state(), st.skipped), st.world))
     if st.rank == 0:
         save_checkpoint(st.recipe.run_dir, st.step, {
-            "step": st.step, "samples_seen": st.seen, "world_size": st.world, "data": data_states,
-            "model": st.model.state_dict(), "ema": st.ema.state_dict() if st.ema is not None else None,
+            "step": st.step, "samples_seen": st.seen, "world_size": st.world, "data": list(data_states),
+            "skipped": st.skipped_before + sum(skipped),
+            "model": st.trainable.state_dict(), "ema": st.ema.state_dict() if st.ema is not None else None,
             "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "scaler": st.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())},
             "recipe": st.recipe.to_dict(), "config": st.config.to_dict()}, st.recipe.run.keep_last)
 
 
-def save_samples(st: Stage) -> None:
-    """A grid of run.sample_prompts from the EMA (or the model) in run_dir/samples/ (rank 0)."""
+def validate(st: Stage) -> float | str:
+    """The validation loss of the model (the EMA when on); "" without validation data."""
+    r = st.recipe
+    if st.validation is None:
+        return ""
+    model = st.ema if st.ema is not None else st.model
+    return validation_loss(model, st.validation, st.text_encoder, st.vae, r.model, st.autocast,
+                           st.config.patch_size, r.train.seed, st.device, st.world)
+
+
+def save_samples(st: Stage, monitor: Monitor | None = None) -> None:
+    """A grid of run.sample_prompts from the EMA (or the model), labelled, in run_dir/samples/ and TensorBoard."""
     grid = sample_grid(st.ema if st.ema is not None else st.model, st.text_encoder, st.vae, st.recipe, st.autocast)
     atomic_write(st.recipe.run_dir / "samples" / f"step_{st.step:08d}.png", lambda tmp: grid.save(tmp, "PNG"))
+    if monitor is not None:
+        monitor.image("samples", grid, st.step, list(st.recipe.run.sample_prompts))
 
 
 def train_loop(st: Stage, stop_at: int) -> bool:
@@ -289,13 +253,17 @@ def train_loop(st: Stage, stop_at: int) -> bool:
             lr = r.optim.lr * st.schedule(st.step)  # the recipe-level LR of this step
             grad_norm = optimizer_step(st, data, meter)
             monitor.step()
-            logging = st.step % r.run.log_every == 0 or st.step == st.total_steps
+            validating = st.validation is not None and st.step % r.run.val_every == 0
+            logging = st.step % r.run.log_every == 0 or st.step == st.total_steps or validating
             if logging:
                 meter.raise_if_diverged(st.world, st.step)
+                stats = meter.read(st.world, skipped=st.skipped)
                 monitor.log({"step": st.step, "epoch": round(st.step * r.train.grad_accum / st.micro_per_epoch, 4),
-                             **meter.read(st.world), "lr": lr, "grad_norm": grad_norm.item(), "skipped": st.skipped})
+                             **stats, "lr": lr, "grad_norm": grad_norm.item(),
+                             "val_loss": validate(st) if validating or st.step == st.total_steps else "",
+                             "skipped": st.skipped_before + stats["skipped"]})
             if st.rank == 0 and r.run.sample_every and st.step % r.run.sample_every == 0 and r.run.sample_prompts:
-                save_samples(st)
+                save_samples(st, monitor)
             stopping = (stop.agreed(st.world, st.device) or 0 < stop_at <= st.step) and st.step < st.total_steps
             if st.step % r.run.save_every == 0 or st.step == st.total_steps or stopping:
                 if not logging:
@@ -311,12 +279,17 @@ def train_loop(st: Stage, stop_at: int) -> bool:
 
 
 def export(st: Stage, path: Path) -> None:
-    """The released single-file layout (EMA weights when EMA is on) and done.json; every rank waits for it."""
-    if st.rank == 0:
+    """The released single-file layout (EMA weights when EMA is on), or for an adapter run the adapter in ComfyUI's
+    LoRA keys; then done.json. Every rank waits for it."""
+    r = st.recipe
+    if st.rank == 0 and st.adapters is not None:
+        tensors = {k: v.to(DTYPES[r.run.export_dtype]) for k, v in st.adapters.export_tensors().items()}
+        save_adapter(path, tensors, export_metadata(r.finetune, Path(r.model.init_from).name, st.step, r.to_dict()))
+    elif st.rank == 0:
         final = st.ema if st.ema is not None else st.model
-        export_released(path, final.state_dict(), st.config, st.text_encoder, st.vae,
-                        DTYPES[st.recipe.run.export_dtype],
-                        {"hdm.train_step": str(st.step), "hdm.recipe": st.recipe.to_dict()})
+        export_released(path, final.state_dict(), st.config, st.text_encoder, st.vae, DTYPES[r.run.export_dtype],
+                        {"hdm.train_step": str(st.step), "hdm.recipe": r.to_dict()})
+    if st.rank == 0:
         done = json.dumps({"step": st.step, "export": str(path)})
         atomic_write(st.recipe.run_dir / "done.json", lambda tmp: tmp.write_text(done))
         print(f"[{st.recipe.name}] done: {path}")
@@ -326,9 +299,11 @@ def export(st: Stage, path: Path) -> None:
 
 def run_stage(recipe: Recipe, args: argparse.Namespace, rank: int, world: int,
               device: torch.device) -> tuple[Path, bool]:
-    """Train one recipe to the end or to a stop request → (path of the released-layout export, finished)."""
+    """Train one recipe to the end or to a stop request → (path of its export, finished)."""
     run_dir = recipe.run_dir
     export_path = run_dir / "export" / f"{recipe.name}.safetensors"
+    check_recipe(recipe.finetune, recipe.model.init_from, recipe.train.ema_decay, recipe.model.compile,
+                 recipe.data.cache)
     if args.resume and (run_dir / "done.json").is_file() and export_path.is_file():
         if rank == 0:
             print(f"[{recipe.name}] already finished ({export_path}); skipping")
@@ -379,10 +354,15 @@ def main(args: argparse.Namespace) -> list[Path]:
     if len(args.config) > 1 and args.resume not in (None, "auto"):
         raise ValueError("--resume-from needs a single --config; with chained stages use --resume")
     overrides = list(args.set) + list(args.overrides)
+    recipes = [load_recipe(path, overrides) for path in args.config]
+    for recipe in recipes[:-1]:
+        if recipe.finetune.adapter:
+            raise ValueError(f"{recipe.name} trains a {recipe.finetune.method} adapter, so it can only be the last "
+                             f"stage of a chain: merge it first (python -m hdm_core.merge) and start the next "
+                             f"stage from the merged file with model.init_from")
     exports: list[Path] = []
     try:
-        for i, path in enumerate(args.config):
-            recipe = load_recipe(path, overrides)
+        for i, recipe in enumerate(recipes):
             if i > 0:
                 recipe.model.init_from = str(exports[-1])
             export, finished = run_stage(recipe, args, rank, world, device)
