@@ -7,6 +7,8 @@ y downwards, (0, 0) at the frame centre.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,7 @@ import numpy as np
 from training.toy_data import COLOURS, SHAPES
 
 MIN_SATURATION = 0.25   # max(rgb) - min(rgb); the background is near grey (≈ 0.02), every palette colour > 0.5
+RGB = tuple[int, int, int]
 MIN_AREA = 0.01         # fewer foreground pixels than this fraction of the frame: "no shape"
 
 
@@ -91,16 +94,17 @@ class ShapeStats:
     corners: float           # fullness of the bounding box's corner cells (square ≈ 1, circle ≈ 0.3)
 
 
-def dominant_colour(image, mask: np.ndarray | None = None) -> str | None:
-    """The palette colour most foreground pixels (or those of `mask`) are closest to; None without foreground."""
+def dominant_colour(image, mask: np.ndarray | None = None, palette: Mapping[str, RGB] = COLOURS) -> str | None:
+    """The `palette` colour (default: the demo's) most foreground pixels (or those of `mask`) are closest to;
+    None without foreground."""
     arr = as_array(image)
     mask = foreground(arr) if mask is None else mask
     if mask.mean() < MIN_AREA:
         return None
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], dtype=np.float32) / 255.0
+    names = list(palette)
+    rgb = np.array([palette[n] for n in names], dtype=np.float32) / 255.0
     pixels = arr[mask]
-    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    nearest = ((pixels[:, None, :] - rgb[None]) ** 2).sum(-1).argmin(1)
     return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
 
 
@@ -134,8 +138,9 @@ def shape_mask(image) -> np.ndarray:
     return largest_blob(sat > max(MIN_SATURATION, 0.5 * peak))
 
 
-def measure(image) -> ShapeStats:
-    """Colour, shape, area and centroid of the shape (see `shape_mask`)."""
+def measure(image, palette: Mapping[str, RGB] = COLOURS) -> ShapeStats:
+    """Colour (the nearest of `palette`; training.toy_data.ALL_COLOURS also tells the fine-tuning demo's new
+    colours), shape, area and centroid of the shape (see `shape_mask`)."""
     arr = as_array(image)
     blob = shape_mask(arr)
     area = float(blob.mean())
@@ -146,9 +151,14 @@ def measure(image) -> ShapeStats:
     cx = float((weight * x).sum() / weight.sum())
     cy = float((weight * y).sum() / weight.sum())
     shape, taper, corners = shape_of(blob)
-    return ShapeStats(dominant_colour(arr, blob), shape, area, cx, cy, taper, corners)
+    return ShapeStats(dominant_colour(arr, blob, palette), shape, area, cx, cy, taper, corners)
 
 
-def chance_level() -> dict[str, float]:
-    """Accuracy of guessing uniformly at random."""
-    return {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "both": 1 / (len(COLOURS) * len(SHAPES))}
+def chance_level(palette: Mapping[str, RGB] = COLOURS) -> dict[str, float]:
+    """Accuracy of guessing uniformly at random (among the colours of `palette`)."""
+    return {"colour": 1 / len(palette), "shape": 1 / len(SHAPES), "both": 1 / (len(palette) * len(SHAPES))}
+
+
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how likely guessing alone reaches k hits."""
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))

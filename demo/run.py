@@ -97,19 +97,21 @@ def launcher_command(data: Path, runs: Path, steps: int | None, recipe: Path = R
 
 
 def train(data: Path, runs: Path, steps: int | None, recipe: Path = RECIPE, extra: list[str] | None = None,
-          quiet: bool = False) -> Path:
-    """Run the launcher in a subprocess from a fresh run folder → path of its released-layout export. Its
-    progress bar (with the ETA) shows in this process's output unless `quiet`."""
-    shutil.rmtree(runs / RECIPE_NAME, ignore_errors=True)
+          quiet: bool = False, name: str = RECIPE_NAME) -> Path:
+    """Run the launcher in a subprocess from a fresh run folder (runs/name; a `name` other than the recipe's is
+    passed as an override) → path of its export. Its progress bar (with the ETA) shows in this process's output
+    unless `quiet`."""
+    shutil.rmtree(runs / name, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = launcher_command(data, runs, steps, recipe, extra)
+    cmd = launcher_command(data, runs, steps, recipe, [*([f"name={name}"] if name != RECIPE_NAME else []),
+                                                       *(extra or [])])
     if not quiet:
         print("$ python " + " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=quiet, text=True)
     if done.returncode:
         tail = (done.stdout or "")[-2000:] + (done.stderr or "")[-4000:] if quiet else ""
         raise RuntimeError(f"training failed (exit {done.returncode}){': ' + tail if tail else ''}")
-    export = runs / RECIPE_NAME / "export" / f"{RECIPE_NAME}.safetensors"
+    export = runs / name / "export" / f"{name}.safetensors"
     if not export.is_file():
         raise RuntimeError(f"the launcher finished but wrote no export at {export}")
     return export

@@ -1,5 +1,5 @@
-"""The real-ComfyUI test harness, shared by tests/test_comfy_integration.py and tests/test_comfy_features.py (not a
-test module itself).
+"""The real-ComfyUI test harness, shared by tests/test_comfy_integration.py, tests/test_comfy_features.py and
+tests/test_comfy_finetune.py (not a test module itself).
 
 The server runs with ComfyUI's own interpreter: COMFYUI_PYTHON if set, else the first of <checkout>/../venv,
 <checkout>/venv, <checkout>/.venv (bin/python or Scripts/python.exe) that exists, else this interpreter. The test

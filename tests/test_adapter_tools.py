@@ -195,7 +195,7 @@ def lycoris_pt(model, tiny_parts, tmp_path_factory):
     wrapped = copy.deepcopy(model).double()
     net = lycoris(wrapped, {"target_module": ["Linear"]}, lora_dim=4, alpha=2.0, network_module="lokr", factor=4,
                   full_matrix=True).double()
-    te = TextEncoder.from_state_dict(tiny_parts["te"])
+    te = TextEncoder.from_state_dict({k: v.clone() for k, v in tiny_parts["te"].items()})
     te_net = lycoris(te.model, {"target_module": ["Linear"], "lora_prefix": "lycoris_te"}, seed=2, lora_dim=2,
                      alpha=1.0, network_module="lora")
     torch.save(net.state_dict(), folder / "xut.pt")
@@ -217,7 +217,8 @@ def test_convert_matches_the_lycoris_network(model, lycoris_pt, tiny_checkpoint,
 
     both = folder / "both.safetensors"  # a {"state_dict": ...} wrapper, model_ before the paths, te_ keys
     assert convert_main([str(folder / "both.pt"), str(both), "--allow-pickle", "--base", str(tiny_checkpoint)]) == 0
-    m, te = copy.deepcopy(model).double(), TextEncoder.from_state_dict(tiny_parts["te"])
+    m = copy.deepcopy(model).double()
+    te = TextEncoder.from_state_dict({k: v.clone() for k, v in tiny_parts["te"].items()})  # changed in place below
     apply_adapters(m, [(both, 1.0)], text_encoder=te)
     assert (output(m, torch.float64) - xut_out).abs().max() <= 1e-5
     assert (te.encode("a cat")[0] - te_out).abs().max() <= 1e-5

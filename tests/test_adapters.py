@@ -189,7 +189,7 @@ def test_diff_and_norm_kinds_add_the_difference(model):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_parts) -> TextEncoder:
-    return TextEncoder.from_state_dict(tiny_parts["te"])
+    return TextEncoder.from_state_dict({k: v.clone() for k, v in tiny_parts["te"].items()})
 
 
 def te_lora(encoder: TextEncoder, seed: int = 7) -> dict[str, torch.Tensor]:

@@ -15,14 +15,13 @@ build (700 steps, torch 2.13.0+cpu, 2-core AMD EPYC: colour 30/30, shape 19/30, 
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from demo.measure import chance_level, measure
+from demo.measure import binomial_tail, chance_level, measure
 from demo.run import CAMERA_PROMPTS, PRETRAINED, RECIPE, SAMPLE, generate_one, train, write_dataset
 from hdm_core.checkpoint import (
     CONFIG_METADATA_KEY,
@@ -41,11 +40,6 @@ TEST_BATCH = 16
 TEST_IMAGES = 1500
 TEST_OVERRIDES = [f"train.batch_size={TEST_BATCH}"]
 TEST_SAMPLE = dict(steps=12, cfg=3.0)   # faster than the demo's 20 steps
-
-
-def binomial_tail(n: int, k: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p): how likely guessing alone reaches k hits."""
-    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
 def follow_prompts(comps, seeds, **sample) -> list[tuple[str, str | None, str | None]]:

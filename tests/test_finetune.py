@@ -126,6 +126,9 @@ def test_two_process_ddp_adapter_run(base, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(latest_checkpoint(tmp_path / "tiny_cpu"))
     assert state["world_size"] == 2 and all(".lora_" in k for k in state["model"] if not k.endswith("alpha"))
+    with (tmp_path / "tiny_cpu" / "log.csv").open() as f:
+        logged = int(list(csv.DictReader(f))[-1]["skipped"])
+    assert logged == state["skipped"] >= 1  # summed over both ranks, in the log and the checkpoint
     assert (tmp_path / "tiny_cpu" / "export" / "tiny_cpu.safetensors").is_file()
 
 

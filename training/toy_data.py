@@ -30,6 +30,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (35, 70, 215),
     "purple": (140, 50, 185),
 }
+# Colours the demo model never sees: demo/finetune.py teaches one to it with an adapter. They stay out of COLOURS, which
+# the demo's dataset draws from, so that dataset (and the shipped checkpoint trained on it) is unchanged.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "orange": (240, 130, 20),    # between red and yellow in hue: drawing a known colour instead is read as a miss
+}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (238, 238, 232)
 VIGNETTE = 0.0                 # optional: grey level lost at distance 1 from the canvas origin (0 = plain)
@@ -45,19 +51,19 @@ SUPERSAMPLE = 4
 
 
 def caption_for(colour: str, shape: str) -> str:
-    """'a red circle' (always three Qwen3 tokens for these words)."""
-    return f"a {colour} {shape}"
+    """'a red circle', 'an orange square' (always three Qwen3 tokens for these words)."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
-def prompts() -> list[str]:
-    """Every colour × shape caption, colour-major."""
-    return [caption_for(c, s) for c in COLOURS for s in SHAPES]
+def prompts(colours: Iterable[str] = tuple(COLOURS)) -> list[str]:
+    """Every colour × shape caption, colour-major (by default the demo's colours)."""
+    return [caption_for(c, s) for c in colours for s in SHAPES]
 
 
 def parse_caption(text: str) -> tuple[str | None, str | None]:
     """(colour, shape) named in a caption such as 'a red circle' (None where absent)."""
     words = text.lower().replace(",", " ").split()
-    colour = next((w for w in words if w in COLOURS), None)
+    colour = next((w for w in words if w in ALL_COLOURS), None)
     shape = next((w for w in words if w in SHAPES), None)
     return colour, shape
 
@@ -99,14 +105,15 @@ def render(colour: str, shape: str, size: tuple[int, int], *, centre: tuple[floa
     img = background(w * s, h * s, vignette)
     unit = max(w, h) * s / 2  # pixels per canvas unit
     cx, cy = w * s / 2 + centre[0] * unit, h * s / 2 + centre[1] * unit
-    draw_shape(ImageDraw.Draw(img), shape, cx, cy, half_size * unit, COLOURS[colour])
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, half_size * unit, ALL_COLOURS[colour])
     return img.resize((w, h), Image.BOX)
 
 
 def sample(rng: random.Random, *, vignette: float = VIGNETTE,
-           canvases: tuple[tuple[tuple[int, int], float], ...] = CANVASES) -> tuple[Image.Image, str]:
-    """A random (image, caption) pair."""
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+           canvases: tuple[tuple[tuple[int, int], float], ...] = CANVASES,
+           colours: tuple[str, ...] = tuple(COLOURS)) -> tuple[Image.Image, str]:
+    """A random (image, caption) pair, its colour one of `colours` (default: the demo's COLOURS)."""
+    colour, shape = rng.choice(colours), rng.choice(SHAPES)
     sizes, weights = zip(*canvases)
     size = rng.choices(sizes, weights)[0]
     jitter = (rng.gauss(0, 0.03), rng.gauss(0, 0.03))
@@ -116,7 +123,7 @@ def sample(rng: random.Random, *, vignette: float = VIGNETTE,
 
 def toy_samples(n: int, seed: int = 0, **kw) -> Iterator[tuple[str, Image.Image, str]]:
     """(stem, image, caption) for n random samples, deterministic from the seed; keyword arguments go to
-    `sample` (vignette, canvases)."""
+    `sample` (vignette, canvases, colours)."""
     rng = random.Random(seed)
     for i in range(n):
         img, caption = sample(rng, **kw)

@@ -94,7 +94,7 @@ class Stage:
     skipped_before: int = 0              # ... by all ranks before this process (from the checkpoint)
     adapters: Adapters | None = None     # adapter runs: the trained part (the XUT is frozen)
     validation: list[Batch] | None = None  # this rank's fixed validation batches (None: no validation data)
-    ddp: torch.nn.Module | None = None   # `model` behind DDP (when world > 1)
+    ddp: torch.nn.Module | None = None   # `model` (or the AdaptedXUT) behind DDP when world > 1
     forward: torch.nn.Module | None = None  # `ddp`, compiled when model.compile: computes the loss
 
     @property

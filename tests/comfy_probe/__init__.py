@@ -75,4 +75,29 @@ class HDMProbeMaskedAttention(Probe):
         return {}
 
 
-NODE_CLASS_MAPPINGS = {c.__name__: c for c in (HDMProbeBlockPatch, HDMProbeAttentionOverride, HDMProbeMaskedAttention)}
+class HDMProbePatches:
+    """The weight patches a MODEL (and optionally a CLIP) carries, e.g. after LoraLoader: records {state-dict key:
+    [patch kind, ...]} for each, the kind being the weight adapter's name ("lora", "lokr", ...) or the tuple
+    patch's tag ("diff" for LyCORIS w_norm / b_norm)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "log": ("STRING", {"default": ""})},
+                "optional": {"clip": ("CLIP",)}}
+
+    @staticmethod
+    def kinds(patches):
+        return {key: [getattr(p[1], "name", None) or p[1][0] for p in entries] for key, entries in patches.items()}
+
+    def patch(self, model, log, clip=None):
+        record(log, model=self.kinds(model.patches), clip=None if clip is None else self.kinds(clip.patcher.patches))
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {c.__name__: c for c in (HDMProbeBlockPatch, HDMProbeAttentionOverride, HDMProbeMaskedAttention,
+                                                HDMProbePatches)}
