@@ -106,11 +106,12 @@ def test_adapter_resume_equals_uninterrupted_run(base):
     assert set(ca["model"]) == set(cb["model"]) and not any(k.startswith("model.") for k in ca["model"])
 
 
-def test_adapter_run_with_checkpointing_buckets_bf16_and_tread(base):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_adapter_run_with_checkpointing_buckets_autocast_and_tread(base, precision):
     root, export = base
-    (adapter,) = _adapter_run(root, export, "mixed", "finetune.method=loha", "finetune.dim=4",
+    (adapter,) = _adapter_run(root, export, f"mixed_{precision}", "finetune.method=loha", "finetune.dim=4",
                               "model.gradient_checkpointing=true", "data.bucketing=true", "data.bucket_step=8",
-                              "train.precision=bf16", "model.tread_rate=0.5", "train.max_steps=3")
+                              f"train.precision={precision}", "model.tread_rate=0.5", "train.max_steps=3")
     sd = load_adapter(adapter)
     assert any(k.endswith(".hada_w1_a") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
 
