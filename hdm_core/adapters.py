@@ -27,7 +27,8 @@ import argparse
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -340,5 +341,20 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], fl
 
 def file_record(path: str | os.PathLike) -> dict[str, str]:
     """{"file": name, "sha256": digest}: what a merged or converted file's metadata records of a source."""
+    digest = hashlib.sha256()  # read in blocks (hashlib.file_digest is Python 3.11+; HDM supports 3.10)
     with open(path, "rb") as f:
-        return {"file": Path(path).name, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": Path(path).name, "sha256": digest.hexdigest()}
+
+
+def run_file_tool(write: Callable[[], Path]) -> int:
+    """A command that writes one file (merge, convert): print its path and exit 0, or print a user error (a
+    ValueError, CheckpointError included, or an OSError) as one line and exit 2."""
+    try:
+        path = write()
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -32,6 +32,7 @@ from .adapters import (
     check_output,
     file_record,
     plan_updates,
+    run_file_tool,
     save_adapter,
 )
 from .checkpoint import PICKLE_SUFFIXES, SafetensorsFile
@@ -64,13 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Convert and write; user errors are one line and exit code 2."""
     args = parse_args(argv)
-    try:
-        path = convert(args.inp, args.out, allow_pickle=args.allow_pickle, base=args.base, preset=args.preset)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_file_tool(lambda: convert(args.inp, args.out, allow_pickle=args.allow_pickle, base=args.base,
+                                         preset=args.preset))
 
 
 # ---------------------------------------------------------------------------------------------------

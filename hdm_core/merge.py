@@ -30,6 +30,7 @@ from .adapters import (
     lora_arg,
     merged_weight,
     plan_updates,
+    run_file_tool,
 )
 from .checkpoint import PICKLE_SUFFIXES, SafetensorsFile
 from .layout import find_text_encoder, find_xut, xut_part
@@ -52,13 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Merge and write; user errors are one line and exit code 2."""
     args = parse_args(argv)
-    try:
-        path = merge_checkpoint(args.base, args.out, args.lora)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_file_tool(lambda: merge_checkpoint(args.base, args.out, args.lora))
 
 
 def adapter_keys(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,

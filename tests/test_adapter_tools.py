@@ -4,6 +4,7 @@ on the tiny model."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import uuid
@@ -214,6 +215,7 @@ def test_convert_matches_the_lycoris_network(model, lycoris_pt, tiny_checkpoint,
     assert (got - xut_out).abs().max() <= 1e-5
     source = json.loads(fb_metadata(out)[SOURCE_KEY])
     assert source["file"] == "xut.pt" and source["xut"] == "xut-tiny" and len(source["sha256"]) == 64
+    assert source["sha256"] == hashlib.sha256((folder / "xut.pt").read_bytes()).hexdigest()
 
     both = folder / "both.safetensors"  # a {"state_dict": ...} wrapper, model_ before the paths, te_ keys
     assert convert_main([str(folder / "both.pt"), str(both), "--allow-pickle", "--base", str(tiny_checkpoint)]) == 0

@@ -53,6 +53,11 @@ def _adapter_run(root: Path, export: Path, name: str, *overrides: str, extra: tu
                   "train.max_steps=6", "run.save_every=3", *overrides, extra=extra)
 
 
+def _last_logged(run: Path, column: str) -> str:
+    with (run / "log.csv").open() as f:
+        return list(csv.DictReader(f))[-1][column]
+
+
 def _velocity(model: torch.nn.Module, te, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 16, 16, generator=g)
@@ -85,7 +90,7 @@ def test_trained_adapter_exports_in_comfy_keys_and_hdm_core_applies_it(base, met
 
     # The training-time model (frozen base + LyCORIS adapters from the last checkpoint) gives the same output.
     state = load_checkpoint(latest_checkpoint(root / "runs" / method))
-    recipe = load_recipe(TINY, [f"{k}" for k in overrides])
+    recipe = load_recipe(TINY, list(overrides))
     trained = copy.deepcopy(comps.model)
     adapters = attach(recipe.finetune, trained, comps.text_encoder)
     adapters.load_state_dict(state["model"])
@@ -96,13 +101,16 @@ def test_trained_adapter_exports_in_comfy_keys_and_hdm_core_applies_it(base, met
 def test_adapter_resume_equals_uninterrupted_run(base):
     root, export = base
     (a,) = _adapter_run(root, export, "whole", *LOKR)
-    _adapter_run(root, export, "split", *LOKR, extra=("--stop-at", "4"))
+    _adapter_run(root, export, "split", *LOKR, extra=("--stop-at", "5"))
+    stopped = load_checkpoint(latest_checkpoint(root / "runs" / "split"))
+    assert stopped["step"] == 5 and stopped["skipped"] >= 1  # the corrupt image is met before the stop
     (b,) = _adapter_run(root, export, "split", *LOKR, extra=("--resume",))
     sa, sb = load_adapter(a), load_adapter(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ca = load_checkpoint(latest_checkpoint(root / "runs" / "whole"))
     cb = load_checkpoint(latest_checkpoint(root / "runs" / "split"))
-    assert ca["skipped"] == cb["skipped"] >= 1  # the corrupt image, counted once across the resume
+    assert ca["skipped"] == cb["skipped"] >= 1  # the count from before the stop is carried over, not redone
+    assert _last_logged(root / "runs" / "whole", "skipped") == _last_logged(root / "runs" / "split", "skipped")
     assert set(ca["model"]) == set(cb["model"]) and not any(k.startswith("model.") for k in ca["model"])
 
 
@@ -127,8 +135,7 @@ def test_two_process_ddp_adapter_run(base, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(latest_checkpoint(tmp_path / "tiny_cpu"))
     assert state["world_size"] == 2 and all(".lora_" in k for k in state["model"] if not k.endswith("alpha"))
-    with (tmp_path / "tiny_cpu" / "log.csv").open() as f:
-        logged = int(list(csv.DictReader(f))[-1]["skipped"])
+    logged = int(_last_logged(tmp_path / "tiny_cpu", "skipped"))
     assert logged == state["skipped"] >= 1  # summed over both ranks, in the log and the checkpoint
     assert (tmp_path / "tiny_cpu" / "export" / "tiny_cpu.safetensors").is_file()
 

@@ -281,15 +281,16 @@ def train_loop(st: Stage, stop_at: int) -> bool:
 def export(st: Stage, path: Path) -> None:
     """The released single-file layout (EMA weights when EMA is on), or for an adapter run the adapter in ComfyUI's
     LoRA keys; then done.json. Every rank waits for it."""
-    r = st.recipe
-    if st.rank == 0 and st.adapters is not None:
-        tensors = {k: v.to(DTYPES[r.run.export_dtype]) for k, v in st.adapters.export_tensors().items()}
-        save_adapter(path, tensors, export_metadata(r.finetune, Path(r.model.init_from).name, st.step, r.to_dict()))
-    elif st.rank == 0:
-        final = st.ema if st.ema is not None else st.model
-        export_released(path, final.state_dict(), st.config, st.text_encoder, st.vae, DTYPES[r.run.export_dtype],
-                        {"hdm.train_step": str(st.step), "hdm.recipe": r.to_dict()})
+    r, dtype = st.recipe, DTYPES[st.recipe.run.export_dtype]
     if st.rank == 0:
+        if st.adapters is not None:
+            tensors = {k: v.to(dtype) for k, v in st.adapters.export_tensors().items()}
+            save_adapter(path, tensors, export_metadata(r.finetune, Path(r.model.init_from).name, st.step,
+                                                        r.to_dict()))
+        else:
+            final = st.ema if st.ema is not None else st.model
+            export_released(path, final.state_dict(), st.config, st.text_encoder, st.vae, dtype,
+                            {"hdm.train_step": str(st.step), "hdm.recipe": r.to_dict()})
         done = json.dumps({"step": st.step, "export": str(path)})
         atomic_write(st.recipe.run_dir / "done.json", lambda tmp: tmp.write_text(done))
         print(f"[{st.recipe.name}] done: {path}")
