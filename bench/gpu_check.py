@@ -1,5 +1,5 @@
-"""One prepared device run (issue 13): CUDA correctness, inference speed and training throughput of HDM in at most
-8 minutes on one H100 / H200, written to $OUT/gpu_check.json (everything) and $OUT/gpu_check.md (the tables).
+"""The GPU check: CUDA correctness, inference speed and training throughput of HDM in at most 8 minutes on one
+H100 / H200, written to OUT/gpu_check.json (everything) and OUT/gpu_check.md (the tables).
 
 Sections, in order (each guarded and time-boxed; the JSON is rewritten after every section, so a timeout keeps
 what was measured): env (versions, measured bf16 matmul rate) · correctness (XUT-base fp16 / bf16 vs fp32, GPU vs
@@ -8,21 +8,24 @@ CPU, batched-masked CFG vs separate) · golden (tests/data/golden_public on CUDA
 inference_eager · training_eager · inference_compiled (torch.compile, CUDA graphs) · vae (decode / encode:
 eager, channels-last, compiled) · end_to_end · training_compiled. Weights are random, of the real shapes.
 
-Wheels. The device image has torch, transformers, safetensors and tqdm, not diffusers (the VAE). Download them
-here, once, into .whl/ at the repository root (git ignores it; the run tool carries it):
+On any machine with a CUDA GPU, from a checkout of this repository:
+
+    pip install -e ".[train]"      # with a CUDA build of torch; brings transformers, diffusers (the VAE), Pillow
+    bash bench/gpu_check.sh        # at most 8 minutes; OUT=folder to choose where results land
+    python bench/gpu_check.py --only inference_eager,vae --budget 200   # a subset, another time budget
+
+Results land in $OUT (default ./gpu_check_out): gpu_check.json, gpu_check.md and gpu_check.log. For a machine that has
+torch and transformers but cannot download packages, fetch diffusers and Pillow elsewhere into .whl/ at the
+repository root (git ignores it) and copy the folder over; bench/gpu_check.sh installs them with pip --no-index into
+/tmp/site:
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 pillow
 
-`unzip -p .whl/diffusers-*.whl '*/METADATA' | grep ^Requires-Dist` lists importlib_metadata, filelock,
-huggingface-hub>=1.32, numpy, regex, requests, safetensors>=0.8 and Pillow. transformers already brings filelock,
-huggingface-hub, numpy, regex, requests and safetensors; diffusers imports importlib_metadata only on Python < 3.8;
-Pillow is the one missing (diffusers imports PIL). The env section records every version: if it shows a
-huggingface-hub older than 1.32 and diffusers failing to import, add huggingface_hub==2.4.0 (the .venv's) to the
-download.
+(`unzip -p .whl/diffusers-*.whl '*/METADATA' | grep ^Requires-Dist` lists what diffusers needs; transformers brings
+all of it but Pillow. If the env section shows a huggingface-hub older than 1.32 and diffusers failing to import,
+add huggingface_hub to the download.)
 
-Device (bench/gpu_check.sh installs the wheels with pip --no-index --target /tmp/site, sets PYTHONPATH, runs this):
-    run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 CPU smoke run of every section with tiny models (about 2–3 minutes on 2 cores):
     python bench/gpu_check.py --smoke
 """

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Device wrapper for bench/gpu_check.py (see its header): install the carried wheels (.whl/, for diffusers) into
-# /tmp/site, then run the check within an 8-minute wall clock; results land in $OUT (default ./gpu_check_out).
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Run bench/gpu_check.py (see its header) on a CUDA machine within an 8-minute wall clock:
+#   bash bench/gpu_check.sh                  # results in ./gpu_check_out: gpu_check.json, gpu_check.md, gpu_check.log
+#   OUT=/data/check bash bench/gpu_check.sh  # elsewhere
+# Wheels in .whl/ (for a machine that cannot download: diffusers and Pillow) are installed into /tmp/site first.
 set -u
 export OUT="${OUT:-./gpu_check_out}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-    echo "no .whl/*.whl carried: the VAE sections will fail without diffusers" >&2
+elif ! python3 -c "import diffusers" 2> /dev/null; then
+    echo "diffusers is not installed (pip install diffusers pillow): the VAE sections will fail" >&2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 # --budget leaves the script's own deadline 30 s inside the hard timeout, so it writes its reports itself.

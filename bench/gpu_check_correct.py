@@ -12,7 +12,7 @@ import torch
 from gpu_check_common import Run, compare, within
 from safetensors.torch import load_file
 
-from hdm_core import PRESETS, XUT, XUTConfig, camera_position_map
+from hdm_core import PRESETS, XUT, Camera, XUTConfig, canvas_position_map
 from hdm_core.pipeline import make_denoiser, pad_contexts
 from hdm_core.sampling import flow_sigmas, sample_euler
 from hdm_core.tread import keep_index, random_keep_index, random_keep_mask
@@ -68,7 +68,7 @@ def xut_inputs(run: Run, batch: int, lat: int, tokens: int, dtype: torch.dtype =
     kw = dict(x=torch.randn(batch, cfg.input_dim, lat, lat, generator=g), t=torch.rand(batch, generator=g),
               ctx=torch.randn(batch, tokens, cfg.ctx_dim, generator=g), aspect=torch.full((batch,), 0.1))
     kw = {k: v.to(device or run.device, dtype) for k, v in kw.items()}
-    return {**kw, "pos_map": camera_position_map(lat, lat, 0.1, -0.1, 1.2).to(device or run.device)}
+    return {**kw, "pos_map": canvas_position_map(lat, lat, Camera(0.1, -0.1, 1.2)).to(device or run.device)}
 
 
 @torch.no_grad()

@@ -15,9 +15,9 @@ from gpu_check_common import Run, graph_breaks, median_time, peak_gib, reset_pea
 from gpu_check_correct import DTYPES, PROMPT, xut
 
 from hdm_core import PRESETS
+from hdm_core.canvas import canvas_position_map
 from hdm_core.flops import xut_flops
 from hdm_core.pipeline import make_denoiser
-from hdm_core.rope import camera_position_map
 from hdm_core.sampling import flow_sigmas, sample_euler
 from hdm_core.tread import keep_count
 
@@ -47,7 +47,7 @@ def sampler(run: Run, model: Any, batch_cfg: bool | None, cond: torch.Tensor,
             uncond: torch.Tensor) -> Callable[[], torch.Tensor]:
     cfg = PRESETS[run.preset]
     lat = run.res // 8
-    denoise = make_denoiser(model, cond, uncond, 3.0, pos_map=camera_position_map(lat, lat).to(run.device),
+    denoise = make_denoiser(model, cond, uncond, 3.0, pos_map=canvas_position_map(lat, lat).to(run.device),
                             aspect=torch.zeros(1, device=run.device), batch_cfg=batch_cfg)
     sigmas = flow_sigmas(run.steps).to(run.device)
     noise = torch.randn(1, cfg.input_dim, lat, lat, generator=torch.Generator().manual_seed(0)).to(run.device)
@@ -210,7 +210,7 @@ def prompt_to_image(run: Run, te: Any, model: Any, batched: bool | None, vae: An
     cond, uncond = te.encode([PROMPT, ""])
     run.sync()
     marks.append(time.perf_counter())
-    denoise = make_denoiser(model, cond, uncond, 3.0, pos_map=camera_position_map(lat, lat).to(run.device),
+    denoise = make_denoiser(model, cond, uncond, 3.0, pos_map=canvas_position_map(lat, lat).to(run.device),
                             aspect=torch.zeros(1, device=run.device), batch_cfg=batched)
     latents = sample_euler(denoise, noise, flow_sigmas(run.steps).to(run.device))
     run.sync()

@@ -3,7 +3,8 @@ keys under the text-encoder prefix, into HDM's Qwen3 text encoder).
 
 A tensor is named `<prefix><module path>.<tensor name>`: `diffusion_model.<XUT module>` (or the bare XUT module)
 or `text_encoders.qwen3_06b.transformer.model.<Qwen3Model module>` (ComfyUI's generic CLIP key for HDM's text
-encoder). The tensor names, and the parameter `<module>.<param>` each kind changes:
+encoder; the prefixes are `hdm_core.layout.LORA_UNET_PREFIX` / `LORA_TE_PREFIX`). The tensor names, and the
+parameter `<module>.<param>` each kind changes:
 
     lora    lora_up.weight, lora_down.weight           → weight   ΔW = alpha / rank · up @ down
     loha    hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b  → weight   ΔW = alpha / rank · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)
@@ -19,16 +20,19 @@ inner dim of the last factorised LoKr part; the scale is 1 without alpha, for wh
 neither part factorised. This is the math of ComfyUI's LoraLoader (comfy/lora.py, comfy/weight_adapter), in
 float32 (float64 for float64 weights): W ← W + Σ strength · ΔW, ΔW reshaped to W's shape (conv weights), cast
 back to W's dtype once.
+
+Nothing is merged until every adapter has been read and checked: float tensors only, every factor complete and of
+one rank, every update the shape of its weight (at strength 0 too), strengths within ±MAX_STRENGTH, and every
+merged weight finite and within ±MAX_WEIGHT. An adapter the trainer exported records the fingerprint of its base
+(`BASE_FINGERPRINT_KEY`); given the fingerprint of the model's file, a mismatch is warned about.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import math
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -36,11 +40,11 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import PICKLE_SUFFIXES, SafetensorsFile
-from .weights import CheckpointError, atomic_write, check_finite, check_writable
+from .checkpoint import SafetensorsFile
+from .cli import ADAPTER_FIX, refuse_pickle
+from .layout import LORA_TE_PREFIX, LORA_UNET_PREFIX
+from .weights import CheckpointError, atomic_write, check_finite
 
-UNET_PREFIX = "diffusion_model."
-TEXT_ENCODER_PREFIX = "text_encoders.qwen3_06b.transformer.model."
 # The tensor names each kind reads (after "<module>."); "alpha" is shared by the factorised kinds.
 KINDS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_up.weight", "lora_down.weight"),
@@ -54,6 +58,23 @@ KINDS: dict[str, tuple[str, ...]] = {
 WHOLE_KINDS = ("diff", "norm", "diff_b", "norm_b")  # the difference itself: no factors, no rank, alpha unused
 BIAS_KINDS = ("diff_b", "norm_b")  # change <module>.bias; every other kind changes <module>.weight
 SUFFIXES = {s: kind for kind, names in KINDS.items() for s in names} | {"alpha": None}
+# Tensor names of kinds HDM does not merge, by what they are (LyCORIS / PEFT names).
+UNSUPPORTED: dict[str, str] = {
+    "dora_scale": "DoRA (dora_scale, LyCORIS weight decomposition)",
+    "lora_mid.weight": "Tucker (lora_mid, LyCORIS use_tucker)",
+    "hada_t1": "Tucker (hada_t1/hada_t2, LyCORIS use_tucker)",
+    "hada_t2": "Tucker (hada_t1/hada_t2, LyCORIS use_tucker)",
+    "lokr_t1": "Tucker (lokr_t1/lokr_t2, LyCORIS use_tucker)",
+    "lokr_t2": "Tucker (lokr_t1/lokr_t2, LyCORIS use_tucker)",
+    "oft_blocks": "OFT (oft_blocks)",
+    "oft_diag": "OFT (oft_diag)",
+    "lora_A.weight": "PEFT LoRA (lora_A/lora_B: rename them lora_down/lora_up)",
+    "lora_B.weight": "PEFT LoRA (lora_A/lora_B: rename them lora_down/lora_up)",
+}
+MAX_STRENGTH = 100.0  # ComfyUI's LoraLoader allows -100 … 100
+MAX_WEIGHT = float(torch.finfo(torch.float16).max)  # 65504: far beyond any trained weight, and fp16's limit
+BASE_FINGERPRINT_KEY = "hdm.base_fingerprint"  # metadata of a trained adapter: hdm_core.checkpoint.fingerprint
+BASE_FILE_KEY = "hdm.base"  # ... and its base file's name
 
 Adapter = Mapping[str, torch.Tensor]
 AdapterSource = str | os.PathLike | Adapter
@@ -66,34 +87,37 @@ class Patch(NamedTuple):
     kind: str
     parts: dict[str, torch.Tensor]
     alpha: float | None
+    name: str = "adapter"
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file (safetensors only: a pickle can run code when loaded)."""
+    refuse_pickle(path, ADAPTER_FIX)
+    f = SafetensorsFile(path)
+    return {k: f[k] for k in f}, f.metadata
 
 
 def load_adapter(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an adapter file (safetensors only: a pickle can run code when loaded)."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path.name} is a pickle file, which can run arbitrary code when loaded; adapters "
-                              f"are read from .safetensors only: convert it first (a LyCORIS .pt: python -m "
-                              f"hdm_core.convert_lycoris)")
-    f = SafetensorsFile(path)
-    return {k: f[k] for k in f}
+    return read_adapter(path)[0]
 
 
 def save_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Write an adapter file (atomic); tensors are saved contiguous, on the CPU."""
     sd = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=dict(metadata or {})))
+    # metadata=None, not {}: safetensors writes an unreadable header for no tensors with empty metadata
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=dict(metadata or {}) or None))
 
 
 def adapter_targets(model: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The tensors an adapter may change, by adapter key (`UNET_PREFIX` / `TEXT_ENCODER_PREFIX` + state-dict key).
+    """The tensors an adapter may change, by adapter key (`LORA_UNET_PREFIX` / `LORA_TE_PREFIX` + state-dict key).
     text_encoder: a Qwen3Model, or an object whose `.model` is one (hdm_core's TextEncoder)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its state-dict keys gain "_orig_mod."
-    targets = {UNET_PREFIX + k: v for k, v in model.state_dict(keep_vars=True).items()}
+    targets = {LORA_UNET_PREFIX + k: v for k, v in model.state_dict(keep_vars=True).items()}
     if text_encoder is not None:
         qwen3 = getattr(text_encoder, "model", text_encoder)
-        targets |= {TEXT_ENCODER_PREFIX + k: v for k, v in qwen3.state_dict(keep_vars=True).items()}
+        targets |= {LORA_TE_PREFIX + k: v for k, v in qwen3.state_dict(keep_vars=True).items()}
     return targets
 
 
@@ -109,17 +133,23 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
+def unsupported_kind(key: str) -> str | None:
+    """What an adapter tensor of a kind HDM does not merge is ("Tucker (lora_mid, …)"), else None."""
+    return next((kind for suffix, kind in UNSUPPORTED.items() if key.endswith("." + suffix)), None)
+
+
 def _target(module: str, suffix: str) -> str:
     """The target key a tensor changes: a bare module path is an XUT one."""
     param = "bias" if SUFFIXES[suffix] in BIAS_KINDS else "weight"
-    full = module if module.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) else UNET_PREFIX + module
+    full = module if module.startswith((LORA_UNET_PREFIX, LORA_TE_PREFIX)) else LORA_UNET_PREFIX + module
     return f"{full}.{param}"
 
 
 def parse_adapter(sd: Adapter, weights: Mapping[str, torch.Tensor], *, name: str = "adapter"
                   ) -> dict[str, tuple[str, dict[str, torch.Tensor], float | None]]:
     """Group the tensors of `sd` by the target (a key of `weights`, see `adapter_targets`) they change;
-    `CheckpointError` names the keys that match no target or no adapter kind, and incomplete or mixed adapters."""
+    `CheckpointError` names the keys that match no target or no adapter kind (by kind when it is a known one HDM
+    does not merge), and incomplete or mixed adapters."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown, unmatched = [], []
     for key, tensor in sd.items():
@@ -133,28 +163,37 @@ def parse_adapter(sd: Adapter, weights: Mapping[str, torch.Tensor], *, name: str
             continue
         groups.setdefault(target, {})[split[1]] = tensor
     if unknown:
-        raise CheckpointError(f"{name}: {len(unknown)} keys are not LoRA/LoHa/LoKr/diff/norm tensors, e.g. "
-                              f"{unknown[:3]}; supported names end in {sorted(SUFFIXES)} (DoRA, Tucker and other "
-                              f"kinds are not supported)")
+        raise unknown_keys_error(unknown, name)
     if unmatched:
         raise _unmatched_error(unmatched, weights, name)
     return {target: _group(parts, target, name) for target, parts in groups.items()}
 
 
+def unknown_keys_error(keys: list[str], name: str) -> CheckpointError:
+    """The error for tensors of no kind HDM merges: named by kind (DoRA, Tucker, …) when known."""
+    kinds = sorted({k for k in map(unsupported_kind, keys) if k})
+    if kinds:
+        return CheckpointError(f"{name}: {len(keys)} keys are {' and '.join(kinds)} tensors, e.g. {keys[:3]}, which "
+                               f"HDM does not merge; retrain without that option (LoRA, LoHa, LoKr, diff and norm "
+                               f"adapters are supported)")
+    return CheckpointError(f"{name}: {len(keys)} keys are not LoRA/LoHa/LoKr/diff/norm tensors, e.g. {keys[:3]}; "
+                           f"supported names end in {sorted(SUFFIXES)}")
+
+
 def _unmatched_error(keys: list[str], weights: Mapping[str, torch.Tensor], name: str) -> CheckpointError:
-    te = [k for k in keys if k.startswith(TEXT_ENCODER_PREFIX)]
-    if te and not any(k.startswith(TEXT_ENCODER_PREFIX) for k in weights):
+    te = [k for k in keys if k.startswith(LORA_TE_PREFIX)]
+    if te and not any(k.startswith(LORA_TE_PREFIX) for k in weights):
         return CheckpointError(f"{name}: {len(te)} keys are for the text encoder, e.g. {te[:2]}, but no text encoder "
                                f"was given: pass text_encoder= (the CLI and hdm_core.merge use the checkpoint's; "
-                               f"this one has none), or remove the {TEXT_ENCODER_PREFIX}* keys")
-    other = [k for k in keys if not k.startswith(TEXT_ENCODER_PREFIX)]
+                               f"this one has none), or remove the {LORA_TE_PREFIX}* keys")
+    other = [k for k in keys if not k.startswith(LORA_TE_PREFIX)]
     if other:
         return CheckpointError(f"{name}: {len(other)} keys match no weight of this XUT, e.g. {other[:3]}; keys must "
-                               f"be {UNET_PREFIX}<XUT module>.<tensor> or {TEXT_ENCODER_PREFIX}<Qwen3 module>."
+                               f"be {LORA_UNET_PREFIX}<XUT module>.<tensor> or {LORA_TE_PREFIX}<Qwen3 module>."
                                f"<tensor> (is it an adapter for another model or another XUT size?)")
     return CheckpointError(f"{name}: {len(te)} keys match no weight of this Qwen3 text encoder, e.g. {te[:3]}; "
-                           f"text-encoder keys must be {TEXT_ENCODER_PREFIX}<Qwen3Model module>.<tensor>, e.g. "
-                           f"{TEXT_ENCODER_PREFIX}layers.0.self_attn.q_proj.lora_up.weight")
+                           f"text-encoder keys must be {LORA_TE_PREFIX}<Qwen3Model module>.<tensor>, e.g. "
+                           f"{LORA_TE_PREFIX}layers.0.self_attn.q_proj.lora_up.weight")
 
 
 def _group(parts: dict[str, torch.Tensor], target: str, name: str) -> tuple[str, dict, float | None]:
@@ -180,26 +219,42 @@ def _group(parts: dict[str, torch.Tensor], target: str, name: str) -> tuple[str,
 # The update ΔW (float32, scale included) — ComfyUI's comfy/weight_adapter math
 # ---------------------------------------------------------------------------------------------------
 
+def _product(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
+    """a @ b (flattened to matrices); `CheckpointError` naming both factors when their ranks disagree."""
+    if a.ndim < 2 or b.ndim < 2 or a.flatten(1).shape[1] != b.shape[0]:
+        raise CheckpointError(f"the factors {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} disagree in "
+                              f"rank ({a.shape[1] if a.ndim > 1 else '-'} vs {b.shape[0]}): the file is damaged or "
+                              f"its factors come from different adapters")
+    return a.flatten(1) @ b.flatten(1)
+
+
 def delta(kind: str, parts: Mapping[str, torch.Tensor], alpha: float | None, shape: torch.Size,
           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """alpha/rank · ΔW in `dtype` on `device`, reshaped to `shape`; `CheckpointError` when the factors do not fit.
-    On the meta device it checks the shapes without computing anything."""
+    """alpha/rank · ΔW in `dtype` on `device`, reshaped to `shape`; `CheckpointError` when the factors do not fit
+    each other or the weight. On the meta device it checks the shapes without computing anything."""
     p = {k: v.to(device, dtype) for k, v in parts.items()}
     rank = None
     if kind in WHOLE_KINDS:
         diff = p[KINDS[kind][0]]
     elif kind == "lora":
-        up, down = p["lora_up.weight"], p["lora_down.weight"]
-        rank, diff = down.shape[0], up.flatten(1) @ down.flatten(1)
+        rank, diff = p["lora_down.weight"].shape[0], _product(p["lora_up.weight"], p["lora_down.weight"],
+                                                               ("lora_up.weight", "lora_down.weight"))
     elif kind == "loha":
         rank = p["hada_w1_b"].shape[0]
-        diff = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+        w1 = _product(p["hada_w1_a"], p["hada_w1_b"], ("hada_w1_a", "hada_w1_b"))
+        w2 = _product(p["hada_w2_a"], p["hada_w2_b"], ("hada_w2_a", "hada_w2_b"))
+        if w1.shape != w2.shape:
+            raise CheckpointError(f"the LoHa products w1 {list(w1.shape)} and w2 {list(w2.shape)} differ in shape")
+        diff = w1 * w2
     else:
         w1, w2 = p.get("lokr_w1"), p.get("lokr_w2")
         if w1 is None:
-            rank, w1 = p["lokr_w1_b"].shape[0], p["lokr_w1_a"] @ p["lokr_w1_b"]
+            rank, w1 = p["lokr_w1_b"].shape[0], _product(p["lokr_w1_a"], p["lokr_w1_b"], ("lokr_w1_a", "lokr_w1_b"))
         if w2 is None:
-            rank, w2 = p["lokr_w2_b"].shape[0], p["lokr_w2_a"] @ p["lokr_w2_b"]
+            rank, w2 = p["lokr_w2_b"].shape[0], _product(p["lokr_w2_a"], p["lokr_w2_b"], ("lokr_w2_a", "lokr_w2_b"))
+        if w1.ndim != 2 or w2.ndim not in (2, 4):
+            raise CheckpointError(f"the LoKr factors have {w1.ndim} and {w2.ndim} dimensions; expected a matrix w1 "
+                                  f"and a matrix or conv kernel w2")
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
         diff = torch.kron(w1, w2)
@@ -212,12 +267,21 @@ def delta(kind: str, parts: Mapping[str, torch.Tensor], alpha: float | None, sha
     return scale * diff.reshape(shape)
 
 
-def merged_weight(weight: torch.Tensor, patches: Iterable[Patch]) -> torch.Tensor:
-    """W + Σ strength · ΔW, summed in float32 (float64 for a float64 W) and cast back to W's dtype once."""
+def merged_weight(weight: torch.Tensor, patches: Iterable[Patch], target: str = "weight") -> torch.Tensor:
+    """W + Σ strength · ΔW, summed in float32 (float64 for a float64 W) and cast back to W's dtype once;
+    `CheckpointError` naming `target` and the adapters when the result is not finite or beyond ±MAX_WEIGHT."""
+    patches = list(patches)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     merged = weight.detach().to(dtype)
     for p in patches:
         merged = merged + p.strength * delta(p.kind, p.parts, p.alpha, weight.shape, weight.device, dtype)
+    peak = merged.abs().max().item() if merged.numel() else 0.0
+    if not peak <= MAX_WEIGHT:  # NaN fails too
+        used = ", ".join(f"{p.name} at strength {p.strength:g}" for p in patches)
+        reach = f"reach {peak:.3g}" if math.isfinite(peak) else "non-finite"
+        raise CheckpointError(f"{target}: {used} make this weight {reach}, beyond ±{MAX_WEIGHT:g} (far beyond any "
+                              f"trained weight; it would sample black or NaN images): lower the strength, or the "
+                              f"adapter is damaged")
     return merged.to(weight.dtype)
 
 
@@ -225,67 +289,107 @@ def merged_weight(weight: torch.Tensor, patches: Iterable[Patch]) -> torch.Tenso
 # Merging: read and check every adapter first, then change weights
 # ---------------------------------------------------------------------------------------------------
 
-def _entries(adapters: Iterable[tuple[AdapterSource, float]]) -> Iterator[tuple[Adapter, float, str]]:
-    """(state dict, strength, name) of each (file or state dict, strength) pair; ValueError for anything else."""
+class Entry(NamedTuple):
+    """One adapter to merge, read and checked."""
+
+    tensors: dict[str, torch.Tensor]
+    strength: float
+    name: str
+    metadata: dict[str, str]
+
+
+def _entries(adapters: Iterable[tuple]) -> Iterator[Entry]:
+    """Each (file or state dict, strength[, name]) item read and checked: a finite strength within ±MAX_STRENGTH,
+    a non-empty dict of named float tensors (alpha may be an integer), all finite."""
     for item in adapters:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             raise ValueError(f"adapters are (file or state dict, strength) pairs, got a {type(item).__name__}")
-        source, strength = item
+        source, strength = item[:2]
         is_file = isinstance(source, (str, os.PathLike))
         if not is_file and not isinstance(source, Mapping):
             raise ValueError(f"an adapter is a .safetensors path or a state dict, got a {type(source).__name__}")
-        name = Path(source).name if is_file else "adapter"
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise ValueError(f"{name}: the strength must be a finite number, got {strength!r}")
-        sd = load_adapter(source) if is_file else source
-        check_finite(sd, what=name)
-        yield sd, float(strength), name
+        name = str(item[2]) if len(item) == 3 else Path(source).name if is_file else "adapter"
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not abs(strength) <= MAX_STRENGTH:
+            raise ValueError(f"{name}: the strength must be a finite number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], "
+                             f"got {strength!r}")
+        sd, metadata = read_adapter(source) if is_file else (dict(source), {})
+        _check_tensors(sd, name)
+        yield Entry(sd, float(strength), name, metadata)
 
 
-def plan_updates(targets: Mapping[str, torch.Tensor], adapters: Iterable[tuple[AdapterSource, float]]
+def _check_tensors(sd: Mapping, name: str) -> None:
+    if not sd:
+        raise CheckpointError(f"{name} holds no tensors: it is not an adapter (an empty or truncated export?)")
+    odd = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{name}: {len(odd)} values are not tensors, e.g. {odd[0]!r} is a "
+                              f"{type(sd[odd[0]]).__name__}; an adapter maps key names to tensors")
+    ints = [k for k, v in sd.items() if not v.is_floating_point() and not k.endswith(".alpha")]
+    if ints:
+        raise CheckpointError(f"{name}: {len(ints)} tensors are stored as {sd[ints[0]].dtype}, e.g. {ints[:2]}; "
+                              f"adapter factors must be float (fp32, fp16 or bf16): dequantise the file first")
+    check_finite(sd, what=name)
+
+
+def _check_base(entry: Entry, base: str | None) -> None:
+    """Warn when `entry` records the fingerprint of its base and it is not `base`'s (when that is known)."""
+    recorded = entry.metadata.get(BASE_FINGERPRINT_KEY)
+    if base and recorded and recorded != base:
+        warnings.warn(f"{entry.name} was trained on {entry.metadata.get(BASE_FILE_KEY, 'another file')} "
+                      f"({recorded[:20]}…), not on this model ({base[:20]}…): its effect may differ from what it "
+                      f"was trained for. If both hold the same weights (a copy re-saved), ignore this", stacklevel=3)
+
+
+def plan_updates(targets: Mapping[str, torch.Tensor], adapters: Iterable[tuple], *, base: str | None = None
                  ) -> dict[str, list[Patch]]:
-    """{target key: its patches} for the (file or state dict, strength) pairs, every adapter read and checked
-    (keys, completeness, shapes) first; an adapter at strength 0 is checked but changes nothing."""
+    """{target key: its patches} for the (file or state dict, strength[, name]) items, every adapter read and checked
+    first: keys, completeness, shapes (at strength 0 too, which then changes nothing) and, where the targets hold
+    values (not meta), that every merged weight stays finite and within ±MAX_WEIGHT. `base`: the fingerprint of
+    the model's file, when known (`hdm_core.checkpoint.fingerprint`): an adapter trained on another is warned about."""
     plan: dict[str, list[Patch]] = {}
-    for sd, strength, name in _entries(adapters):
-        for target, (kind, parts, alpha) in parse_adapter(sd, targets, name=name).items():
-            if strength == 0:
-                continue
+    for entry in _entries(adapters):
+        _check_base(entry, base)
+        for target, (kind, parts, alpha) in parse_adapter(entry.tensors, targets, name=entry.name).items():
             try:
                 delta(kind, parts, alpha, targets[target].shape, "meta")  # shapes only, nothing computed
             except CheckpointError as err:
-                raise CheckpointError(f"{name}: {target}: {err}") from None
-            plan.setdefault(target, []).append(Patch(strength, kind, parts, alpha))
+                raise CheckpointError(f"{entry.name}: {target}: {err}") from None
+            if entry.strength != 0:
+                plan.setdefault(target, []).append(Patch(entry.strength, kind, parts, alpha, entry.name))
+    with torch.no_grad():
+        for target, patches in plan.items():
+            if targets[target].device.type != "meta":
+                merged_weight(targets[target], patches, target)  # checked, then dropped: nothing changes yet
     return plan
 
 
 def _write(targets: Mapping[str, torch.Tensor], plan: Mapping[str, list[Patch]]) -> None:
     with torch.no_grad():
         for target, patches in plan.items():
-            targets[target].copy_(merged_weight(targets[target], patches))
+            targets[target].copy_(merged_weight(targets[target], patches, target))
 
 
-def apply_adapters(model: torch.nn.Module, adapters: Iterable[tuple[AdapterSource, float]],
-                   text_encoder: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Merge each (file or state dict, strength) into the weights of `model` (keys under `UNET_PREFIX`, or bare)
-    and `text_encoder` (keys under `TEXT_ENCODER_PREFIX`; a Qwen3Model or hdm_core's TextEncoder) in place.
-    Every adapter is read and checked before any weight changes; text-encoder keys without a text encoder are a
-    `CheckpointError`. Returns `model`."""
+def apply_adapters(model: torch.nn.Module, adapters: Iterable[tuple], text_encoder: torch.nn.Module | None = None,
+                   *, base: str | None = None) -> torch.nn.Module:
+    """Merge each (file or state dict, strength) into the weights of `model` (keys under `LORA_UNET_PREFIX`, or
+    bare) and `text_encoder` (keys under `LORA_TE_PREFIX`; a Qwen3Model or hdm_core's TextEncoder) in place.
+    Every adapter is read and checked before any weight changes (`plan_updates`, which also explains `base`);
+    text-encoder keys without a text encoder are a `CheckpointError`. Returns `model`."""
     targets = adapter_targets(model, text_encoder)
-    _write(targets, plan_updates(targets, adapters))
+    _write(targets, plan_updates(targets, adapters, base=base))
     return model
 
 
 @contextmanager
-def adapters_applied(model: torch.nn.Module, adapters: Iterable[tuple[AdapterSource, float]],
-                     text_encoder: torch.nn.Module | None = None) -> Iterator[None]:
+def adapters_applied(model: torch.nn.Module, adapters: Iterable[tuple], text_encoder: torch.nn.Module | None = None,
+                     *, base: str | None = None) -> Iterator[None]:
     """`apply_adapters` for the `with` block only; afterwards the weights are restored bit for bit.
 
     The touched tensors are saved first, on the CPU as ComfyUI's ModelPatcher keeps its backups: one copy of
     what the adapters change, not of model + text encoder (a deepcopy), and exact, which subtracting ΔW again
     is not in fp16/bf16. Not for models that another thread runs at the same time."""
     targets = adapter_targets(model, text_encoder)
-    plan = plan_updates(targets, adapters)
+    plan = plan_updates(targets, adapters, base=base)
     saved = {t: targets[t].detach().to("cpu", copy=True) for t in plan}
     try:
         _write(targets, plan)
@@ -294,67 +398,3 @@ def adapters_applied(model: torch.nn.Module, adapters: Iterable[tuple[AdapterSou
         with torch.no_grad():
             for target, original in saved.items():
                 targets[target].copy_(original)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command-line helpers (hdm_core.generate, hdm_core.merge)
-# ---------------------------------------------------------------------------------------------------
-
-def lora_arg(text: str) -> tuple[str, float]:
-    """Parse --lora FILE:STRENGTH into (FILE, STRENGTH); a FILE alone (or C:\\x.safetensors) gets strength 1.0."""
-    path, sep, strength = text.rpartition(":")
-    if sep:
-        try:
-            value = float(strength)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: the strength must be a finite number")
-        return path, value
-    return text, 1.0
-
-
-def check_adapter_files(paths: Iterable[str | os.PathLike], flag: str = "--lora") -> None:
-    """ValueError naming the first path that is not an adapter .safetensors file here."""
-    for path in paths:
-        if Path(path).suffix.lower() in PICKLE_SUFFIXES:
-            raise ValueError(f"{flag} {path}: a pickle file, which can run code when loaded; adapters are read from "
-                             f".safetensors only (convert a LyCORIS .pt with python -m hdm_core.convert_lycoris)")
-        if not Path(path).is_file():
-            raise ValueError(f"{flag} {path}: not a .safetensors file here (no such file)")
-
-
-def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str = "OUT") -> Path:
-    """`out` as a Path, once it is known to be a new .safetensors path in a writable folder that is none of
-    `inputs`; ValueError / OSError naming the value otherwise."""
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise ValueError(f"{flag} {out}: the output is written as .safetensors; name it *.safetensors")
-    for path in inputs:
-        same = os.path.samefile(out, path) if out.exists() and Path(path).exists() else \
-            out.resolve() == Path(path).resolve()
-        if same:
-            raise ValueError(f"{flag} {out} is the input {path}: inputs are never overwritten; choose another {flag}")
-    check_writable(out.parent, f"choose another {flag}", what="the output folder ")
-    return out
-
-
-def file_record(path: str | os.PathLike) -> dict[str, str]:
-    """{"file": name, "sha256": digest}: what a merged or converted file's metadata records of a source."""
-    digest = hashlib.sha256()  # read in blocks (hashlib.file_digest is Python 3.11+; HDM supports 3.10)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": Path(path).name, "sha256": digest.hexdigest()}
-
-
-def run_file_tool(write: Callable[[], Path]) -> int:
-    """A command that writes one file (merge, convert): print its path and exit 0, or print a user error (a
-    ValueError, CheckpointError included, or an OSError) as one line and exit 2."""
-    try:
-        path = write()
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0

@@ -3,8 +3,11 @@ parts `hdm_core.layout` finds in them, and save the released single-file layout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .cli import is_pickle, refuse_pickle
 from .config import XUTConfig
 from .layout import (
     CONFIG_METADATA_KEY,
     PIXEL_SPACE_KEY,
+    STAT_KEYS,
     TE_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -32,7 +37,9 @@ from .layout import (
 from .weights import CheckpointError, atomic_write, build_with_weights
 from .xut import XUT
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+FINGERPRINT_VERSION = "hdm-fp1"
+FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS = 1 << 16, 16
+MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on its JSON header
 
 
 @dataclass
@@ -60,13 +67,13 @@ class SafetensorsFile(Mapping):
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
         self._tensors, self.metadata = None, {}
-        if self.path.suffix.lower() in PICKLE_SUFFIXES:
+        if is_pickle(self.path):
             if not allow_pickle:
-                raise CheckpointError(
-                    f"{self.path.name} is a pickle file, which can run arbitrary code when loaded; convert it "
-                    f"to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source")
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            self._tensors = state.get("state_dict", state)
+                refuse_pickle(self.path, "convert it to .safetensors, or pass allow_pickle=True (CLI: "
+                                         "--allow-pickle) if you trust its source")
+            state = load_weights_only(self.path)
+            state = state["state_dict"] if isinstance(state.get("state_dict"), Mapping) else state
+            self._tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
             self._keys = list(self._tensors)
         else:
             try:
@@ -103,6 +110,51 @@ class SafetensorsFile(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict in a torch pickle, read with torch.load(weights_only=True); `CheckpointError` naming the file when
+    torch refuses it (it holds objects other than tensors), cannot read it, or it holds no dict."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        if "Weights only load failed" in str(err):  # torch's refusal of a pickle of other objects
+            raise CheckpointError(f"{path.name} holds objects other than tensors, which weights-only loading "
+                                  f"refuses because they could run code; save its state dict (tensors only) from "
+                                  f"the tool that made it, as .safetensors") from None
+        raise CheckpointError(f"{path.name} ({path.stat().st_size:,} bytes) is not a readable torch file "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'empty'}); "
+                              f"it is probably truncated or corrupt") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors")
+    return dict(state)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a file of any size → "hdm-fp1:<sha256 hex>": sha256 over its size, its safetensors header
+    (every tensor's name, dtype, shape and offset, and the metadata; the first 1 MiB of a file that is not
+    safetensors) and 16 blocks of 64 KiB spread evenly over the rest, the first and last included. About 1 MiB is
+    read whatever the size. Another model, another dtype, a merged or re-exported file (its metadata changes) or a
+    changed tensor under a sampled block gives another fingerprint; a change confined to bytes between the blocks,
+    with the same header and metadata, would not."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}:{size}:".encode())
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        start = 8 + n if 0 < n <= MAX_SAFETENSORS_HEADER and 8 + n <= size else min(size, 1 << 20)
+        f.seek(0)
+        digest.update(f.read(start))
+        span = size - start
+        if span <= FINGERPRINT_BLOCK * FINGERPRINT_BLOCKS:
+            digest.update(f.read())
+        else:
+            for k in range(FINGERPRINT_BLOCKS):
+                f.seek(start + k * (span - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
 
 
 def build_xut(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, ops: Any = torch.nn,
@@ -198,7 +250,7 @@ def save_single_file(path: str | os.PathLike, model_sd: Mapping[str, torch.Tenso
     tensors.update(_prefixed(VAE_PREFIX, vae_sd, dtype))
     if pixel_space:
         tensors[PIXEL_SPACE_KEY] = torch.tensor(1.0)
-    for name, value in (("vae_mean", vae_mean), ("vae_std", vae_std)):
+    for name, value in zip(STAT_KEYS, (vae_mean, vae_std)):
         if value is not None:
             tensors[name] = value.detach().float().reshape(1, -1, 1, 1).cpu().to(dtype or torch.float32)
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "format": "pt", **(extra_metadata or {})}

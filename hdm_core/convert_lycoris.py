@@ -1,7 +1,8 @@
 """Convert a LyCORIS network `.pt` (the official HDM trainer's adapter format) to an adapter .safetensors in ComfyUI's
 keys: `python -m hdm_core.convert_lycoris IN.pt OUT.safetensors --allow-pickle [--base BASE | --preset xut-base]`.
 
-The `.pt` is `torch.save(network.state_dict())`: keys `lycoris_<module path, '.' → '_'>.<tensor>`, e.g.
+The `.pt` is `torch.save(network.state_dict())` (LyCORIS's `save_weights` to a `.safetensors` name is read as it is,
+with no pickle): keys `lycoris_<module path, '.' → '_'>.<tensor>`, e.g.
 `lycoris_backbone_enc_blocks_0_0_attn_qkv.lokr_w1`, the path maybe led by `model_` / `unet_model_` / `unet_` (a
 network built on a wrapper of the XUT) or, for a text-encoder network, `te_` / `text_encoder_` /
 `te_text_models_0_`; a {"state_dict": ...} wrapper is unwrapped. Each underscored path is resolved against the
@@ -17,27 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from .adapters import (
-    SUFFIXES,
-    TEXT_ENCODER_PREFIX,
-    UNET_PREFIX,
-    adapter_targets,
-    check_output,
-    file_record,
-    plan_updates,
-    run_file_tool,
-    save_adapter,
-)
-from .checkpoint import PICKLE_SUFFIXES, SafetensorsFile
+from .adapters import SUFFIXES, adapter_targets, plan_updates, save_adapter, unknown_keys_error, unsupported_kind
+from .checkpoint import SafetensorsFile, load_weights_only
+from .cli import ArgumentParser, check_input_file, check_output, file_record, run_tool
 from .config import PRESETS, XUTConfig
-from .layout import find_text_encoder, text_encoder_part, xut_part
+from .layout import LORA_TE_PREFIX, LORA_UNET_PREFIX, find_text_encoder, text_encoder_part, xut_part
 from .weights import CheckpointError
 from .xut import XUT
 
@@ -48,9 +39,9 @@ SOURCE_KEY = "hdm.converted_from"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hdm_core.convert_lycoris", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inp", metavar="IN", help="the LyCORIS network .pt")
+    p = ArgumentParser(prog="python -m hdm_core.convert_lycoris", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inp", metavar="IN", help="the LyCORIS network .pt (or .safetensors)")
     p.add_argument("out", metavar="OUT", help="the adapter to write (.safetensors)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="required: a .pt is a pickle, which can run code when loaded; it is read with "
@@ -63,38 +54,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert and write; user errors are one line and exit code 2."""
+    """Convert and write, then print OUT; user errors are one line and exit code 2."""
     args = parse_args(argv)
-    return run_file_tool(lambda: convert(args.inp, args.out, allow_pickle=args.allow_pickle, base=args.base,
-                                         preset=args.preset))
+    return run_tool(lambda: print(convert(args.inp, args.out, allow_pickle=args.allow_pickle, base=args.base,
+                                          preset=args.preset)))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading the .pt
 # ---------------------------------------------------------------------------------------------------
 
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch's zip format, a plain pickle
+
+
 def load_lycoris(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a LyCORIS network .pt, read with torch.load(weights_only=True) and only when allowed."""
+    """The tensors of a LyCORIS network file: a .safetensors as it is, a .pt (any other name) read with
+    torch.load(weights_only=True) and only when allowed."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LyCORIS file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic.startswith(PICKLE_MAGIC):
+            raise CheckpointError(f"{path.name} is a torch pickle named .safetensors: rename it .pt and pass "
+                                  f"--allow-pickle (allow_pickle=True), only if you trust where it came from")
+        f = SafetensorsFile(path)
+        return _checked({k: f[k] for k in f}, path.name)
     if not allow_pickle:
         raise CheckpointError(f"{path.name} is a pickle file, which can run arbitrary code when loaded (even with "
                               f"torch's weights_only guard, a pickle is only as safe as its source): pass "
                               f"--allow-pickle (allow_pickle=True) if you trust where it came from")
-    if not path.is_file():
-        raise FileNotFoundError(f"LyCORIS file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path.name} is not a weights-only torch file ({str(err).splitlines()[0]}); "
-                              f"expected torch.save(lycoris_network.state_dict())") from None
-    while isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+    state = load_weights_only(path)
+    while isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a LyCORIS state dict")
+    return _checked(state, path.name)
+
+
+def _checked(state: Mapping, name: str) -> dict[str, torch.Tensor]:
     odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if odd:
-        raise CheckpointError(f"{path.name}: {len(odd)} entries are not named tensors, e.g. {odd[:3]}; expected "
+        raise CheckpointError(f"{name}: {len(odd)} entries are not named tensors, e.g. {odd[:3]}; expected "
                               f"a LyCORIS network state dict (lycoris_<module>.<tensor>: tensor)")
+    if not state:
+        raise CheckpointError(f"{name} holds no tensors; expected a LyCORIS network state dict")
     return dict(state)
 
 
@@ -113,7 +116,11 @@ def module_index(roots: Iterable[tuple[str, tuple[str, ...], torch.nn.Module]]) 
 
 
 def rename(sd: Mapping[str, torch.Tensor], index: Mapping[str, set[str]], name: str) -> dict[str, torch.Tensor]:
-    """The LyCORIS tensors under adapter keys; `CheckpointError` naming keys that map to no module or to two."""
+    """The LyCORIS tensors under adapter keys; `CheckpointError` naming keys of a kind HDM does not merge (by kind),
+    or that map to no module or to two."""
+    unsupported = [k for k in sd if unsupported_kind(k)]
+    if unsupported:
+        raise unknown_keys_error(unsupported, name)
     out, unmapped, ambiguous = {}, [], []
     for key, tensor in sd.items():
         module, _, tensor_name = key.partition(".")
@@ -140,9 +147,7 @@ def xut_config(base: str | os.PathLike | None, preset: str) -> XUTConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[preset]
-    if Path(base).suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"--base {base}: a pickle file; pass the .safetensors checkpoint")
-    f = SafetensorsFile(base)
+    f = SafetensorsFile(check_input_file(base, "--base", "pass the .safetensors checkpoint"))
     return xut_part(f, f.metadata, f.path.name)[1]
 
 
@@ -173,9 +178,16 @@ def convert(inp: str | os.PathLike, out: str | os.PathLike, *, allow_pickle: boo
     config = xut_config(base, preset)
     with_te = any(k.startswith(tuple(LYCORIS_PREFIX + w for w in TE_WRAPPERS)) for k in sd)
     xut, te = _meta_models(config, te_config(base) if with_te else None)
-    roots = [(UNET_PREFIX, XUT_WRAPPERS, xut)] + ([(TEXT_ENCODER_PREFIX, TE_WRAPPERS, te)] if te else [])
-    tensors = rename(sd, module_index(roots), Path(inp).name)
-    plan_updates(adapter_targets(xut, te), [(tensors, 1.0)])  # every key fits a weight, every shape fits
+    roots = [(LORA_UNET_PREFIX, XUT_WRAPPERS, xut)] + ([(LORA_TE_PREFIX, TE_WRAPPERS, te)] if te else [])
+    name = Path(inp).name
+    tensors = rename(sd, module_index(roots), name)
+    try:
+        plan_updates(adapter_targets(xut, te), [(tensors, 1.0, name)])  # every key fits a weight, every shape fits
+    except CheckpointError as err:
+        if base:
+            raise
+        raise CheckpointError(f"{err} (checked against --preset {preset}: is it for another XUT? pass the "
+                              f"checkpoint it was trained on as --base)") from None
     source = {**file_record(inp), "format": "LyCORIS network state dict (.pt)",
               "xut": Path(base).name if base else preset}
     return save_adapter(out, tensors, {SOURCE_KEY: json.dumps(source)})

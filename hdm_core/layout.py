@@ -6,6 +6,10 @@ ComfyUI uses to pick its pixel-space VAE). Our files also carry the XUT config a
 one part each, under any of the prefixes below. `hdm_core.checkpoint` opens files and builds hdm_core modules from
 these parts; the ComfyUI glue (`nodes/loading.py`) builds ComfyUI objects from the same parts.
 
+ComfyUI's names for the same parts live here too, each prefix constant naming one string: `COMFY_UNET_PREFIX` (the
+XUT in a checkpoint ComfyUI saved), `COMFY_TE_NAME` (its name for HDM's text encoder), and the prefixes of the
+adapter keys ComfyUI's LoRA loader reads, `LORA_UNET_PREFIX` and `LORA_TE_PREFIX` (`hdm_core.adapters`).
+
 `sd` may be any mapping (a lazy view of a file works): only the keys of the part asked for are read.
 """
 
@@ -21,16 +25,25 @@ from .config import XUTConfig, infer_config
 from .text_encoder import infer_qwen3_config
 from .weights import CheckpointError
 
+# The released single file.
 UNET_PREFIX = "unet.model."
 TE_PREFIX = "te.text_models.0."
 VAE_PREFIX = "vae."
 PIXEL_SPACE_KEY = "vae.pixel_space_vae"  # in a VAE-only file: "pixel_space_vae"
-STAT_KEYS = ("vae_mean", "vae_std")
+VAE_MEAN_KEY, VAE_STD_KEY = "vae_mean", "vae_std"  # per-channel latent statistics, (1, C, 1, 1)
+STAT_KEYS = (VAE_MEAN_KEY, VAE_STD_KEY)
 CONFIG_METADATA_KEY = "hdm.xut_config"
 RELEASED_FILE = "hdm-xut-340M-1024px-note.safetensors"
 
+# ComfyUI's names for the same parts.
+COMFY_UNET_PREFIX = "model.diffusion_model."  # the XUT in a checkpoint ComfyUI saved
+COMFY_TE_NAME = "qwen3_06b"  # ComfyUI's name for HDM's text encoder: its CLIP state-dict prefix and token-dict key
+LORA_UNET_PREFIX = "diffusion_model."  # adapter keys for the XUT, as ComfyUI's LoRA loader reads them
+COMFY_CLIP_PREFIX = f"{COMFY_TE_NAME}.transformer.model."  # the Qwen3Model in ComfyUI's CLIP state dict
+LORA_TE_PREFIX = f"text_encoders.{COMFY_CLIP_PREFIX}"  # adapter keys for the text encoder (Qwen3Model)
+
 # Where an XUT may sit: the released file, a ComfyUI-saved model, a diffusion-model-only file.
-XUT_PREFIXES = (UNET_PREFIX, "model.diffusion_model.", "")
+XUT_PREFIXES = (UNET_PREFIX, COMFY_UNET_PREFIX, "")
 _XUT_MARKERS = ("in_patch.proj.weight", "ctx_proj.weight")
 _TE_MARKER = "embed_tokens.weight"
 _VAE_MARKER = "decoder.conv_in.weight"
@@ -40,14 +53,17 @@ _QWEN3_LAYER_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight"
                      "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight",
                      "mlp.up_proj.weight", "mlp.down_proj.weight")
 
+# Tensor names of adapter files (ComfyUI / LyCORIS / kohya / PEFT), so an adapter given as a model says what it is.
+_ADAPTER_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
+                     ".lokr_w1", ".lokr_w1_a", ".w_norm", ".diff", ".dora_scale")
 # Key fragments that identify checkpoints of other families, for a useful error message.
 _OTHER_ARCHS = [
-    ("model.diffusion_model.double_blocks.", "Flux"),
+    (f"{COMFY_UNET_PREFIX}double_blocks.", "Flux"),
     ("double_blocks.0.img_attn.", "Flux"),
-    ("model.diffusion_model.joint_blocks.", "SD3"),
+    (f"{COMFY_UNET_PREFIX}joint_blocks.", "SD3"),
     ("conditioner.embedders.1.", "SDXL"),
-    ("model.diffusion_model.input_blocks.", "Stable Diffusion (UNet)"),
-    ("model.diffusion_model.", "another ComfyUI diffusion model"),
+    (f"{COMFY_UNET_PREFIX}input_blocks.", "Stable Diffusion (UNet)"),
+    (COMFY_UNET_PREFIX, "another ComfyUI diffusion model"),
     ("first_stage_model.", "an LDM checkpoint"),
 ]
 
@@ -67,8 +83,12 @@ class CheckpointParts:
 
 
 def describe_architecture(keys: Iterable[str]) -> str:
-    """A short guess of what family a non-HDM checkpoint belongs to."""
+    """A short guess of what family a non-HDM checkpoint belongs to (or that it is an adapter, and how to use one)."""
     keys = list(keys)
+    if any(k.endswith(_ADAPTER_SUFFIXES) or k.startswith("lycoris_") for k in keys):
+        return ("an adapter (LoRA/LoHa/LoKr), not a model: apply it to its base model with --lora FILE:STRENGTH "
+                "(python -m hdm_core.generate, python -m hdm_core.merge), ComfyUI's LoraLoaderModelOnly, or "
+                "hdm_core.adapters.apply_adapters")
     for fragment, name in _OTHER_ARCHS:
         if any(k.startswith(fragment) for k in keys):
             return f"{name} (found keys starting with {fragment!r})"
@@ -112,10 +132,29 @@ def xut_part(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None 
     if not metadata or CONFIG_METADATA_KEY not in metadata:
         return xut, infer_config(xut)
     try:
-        return xut, XUTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        return xut, check_config(XUTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])))
     except (ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"the XUT config in the metadata of {name} ('{CONFIG_METADATA_KEY}') is not usable "
                               f"({err}); fix it, or remove that key to infer the config from the weights") from err
+
+
+# Bounds of the XUT config's sizes: far above any HDM model (XUT-large: dim 1280, 4 × (1 + 3) blocks), far below what
+# overflows or takes minutes to build; block counts are the tighter bound (each block is a module).
+MAX_WIDTH, MAX_BLOCKS = 1 << 16, 256
+_BLOCK_FIELDS = ("depth", "enc_blocks", "dec_blocks", "prev_trns_depth", "post_trns_depth")
+_MAY_BE_ZERO = ("addon_info_embs_dim", "prev_trns_depth", "post_trns_depth")
+
+
+def check_config(config: XUTConfig) -> XUTConfig:
+    """`config` once every size in it is a whole number in range (ValueError naming the first that is not)."""
+    sizes = {**{k: v for k, v in config.to_dict().items() if k != "tread_config"}, **config.to_dict()["tread_config"]}
+    for key, value in sizes.items():
+        if key == "dropout_ratio":
+            continue
+        low, high = 0 if key in _MAY_BE_ZERO else 1, MAX_BLOCKS if key in _BLOCK_FIELDS else MAX_WIDTH
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{key} {value!r} must be a whole number in [{low}, {high}]")
+    return config
 
 
 def find_text_encoder(keys: Iterable[str]) -> str | None:

@@ -21,27 +21,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import (
-    TEXT_ENCODER_PREFIX,
-    UNET_PREFIX,
-    check_adapter_files,
-    check_output,
-    file_record,
-    lora_arg,
-    merged_weight,
-    plan_updates,
-    run_file_tool,
-)
-from .checkpoint import PICKLE_SUFFIXES, SafetensorsFile
-from .layout import find_text_encoder, find_xut, xut_part
-from .weights import atomic_write
+from .adapters import merged_weight, plan_updates
+from .checkpoint import SafetensorsFile, fingerprint
+from .cli import ArgumentParser, check_adapter_files, check_input_file, check_output, file_record, lora_arg, run_tool
+from .layout import LORA_TE_PREFIX, LORA_UNET_PREFIX, find_text_encoder, find_xut, xut_part
+from .weights import atomic_write, check_finite
 
 MERGED_KEY = "hdm.merged_adapters"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hdm_core.merge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m hdm_core.merge", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", metavar="BASE", help="the checkpoint to merge into (.safetensors)")
     p.add_argument("out", metavar="OUT", help="the merged checkpoint to write (.safetensors; never BASE)")
     p.add_argument("--lora", action="append", required=True, type=lora_arg, metavar="FILE[:STRENGTH]",
@@ -51,9 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Merge and write; user errors are one line and exit code 2."""
+    """Merge and write, then print OUT; user errors are one line and exit code 2."""
     args = parse_args(argv)
-    return run_file_tool(lambda: merge_checkpoint(args.base, args.out, args.lora))
+    return run_tool(lambda: print(merge_checkpoint(args.base, args.out, args.lora)))
 
 
 def adapter_keys(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -61,31 +52,28 @@ def adapter_keys(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     """{adapter target key: file key} for the XUT and (when the file has one) the text-encoder tensors of a
     checkpoint; `CheckpointError` when it holds no XUT."""
     xut_part(sd, metadata, name)  # raises for a file without an XUT, saying what it looks like
-    parts = [(find_xut(sd), UNET_PREFIX)]
+    parts = [(find_xut(sd), LORA_UNET_PREFIX)]
     te_prefix = find_text_encoder(sd)
     if te_prefix is not None:
-        parts.append((te_prefix, TEXT_ENCODER_PREFIX))
+        parts.append((te_prefix, LORA_TE_PREFIX))
     return {target + key[len(prefix):]: key for prefix, target in parts for key in sd if key.startswith(prefix)}
 
 
 def merge_checkpoint(base: str | os.PathLike, out: str | os.PathLike,
                      loras: Sequence[tuple[str | os.PathLike, float]]) -> Path:
     """Write BASE with the (adapter file, strength) pairs baked in to OUT; nothing is written unless every input
-    checks out. Returns OUT."""
-    base = Path(base)
-    if base.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"BASE {base}: a pickle file, which can run code when loaded; merge reads .safetensors only")
-    if not base.is_file():
-        raise ValueError(f"BASE {base}: no such file")
+    checks out (the base's weights finite, every merged weight finite and in range). Returns OUT."""
+    base = check_input_file(base, "BASE", "merge reads .safetensors only: convert it first")
     check_adapter_files(path for path, _ in loras)
     out = check_output(out, [base, *(path for path, _ in loras)])
 
     f = SafetensorsFile(base)
     sd = {k: f[k] for k in f}
+    check_finite(sd, what=f"BASE {base}")
     names = adapter_keys(sd, f.metadata, f.path.name)
-    plan = plan_updates({target: sd[key] for target, key in names.items()}, loras)
+    plan = plan_updates({target: sd[key] for target, key in names.items()}, loras, base=fingerprint(base))
     for target, patches in plan.items():
-        sd[names[target]] = merged_weight(sd[names[target]], patches).contiguous()
+        sd[names[target]] = merged_weight(sd[names[target]], patches, target).contiguous()
     metadata = {**f.metadata, MERGED_KEY: json.dumps(_records(f.metadata, loras))}
     return atomic_write(out, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .layout import VAE_MEAN_KEY, VAE_STD_KEY
 from .weights import build_with_weights
 
 if TYPE_CHECKING:
@@ -109,8 +110,8 @@ class LatentVAE(torch.nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         c = self.latent_channels
-        self.register_buffer("mean", channel_stats(mean, EQVAE_MEAN, "vae_mean", c).to(self._device))
-        self.register_buffer("std", channel_stats(std, EQVAE_STD, "vae_std", c).to(self._device))
+        self.register_buffer("mean", channel_stats(mean, EQVAE_MEAN, VAE_MEAN_KEY, c).to(self._device))
+        self.register_buffer("std", channel_stats(std, EQVAE_STD, VAE_STD_KEY, c).to(self._device))
 
     @classmethod
     def from_state_dict(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import SafetensorError
 
 # The dtype names the CLI, the recipes and the ComfyUI loaders accept.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,7 +83,8 @@ def check_weights(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.T
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`: a crash,
     an error or a full disk never leaves a half-written file (the temporary file is removed on error). The file
-    gets the usual permissions (0666 less the umask), so a ComfyUI running as another user can read it."""
+    gets the usual permissions (0666 less the umask), so a ComfyUI running as another user can read it. A failed
+    write (OSError, or safetensors' SafetensorError for a full disk) is an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -93,6 +96,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp, path)
     except OSError as err:
         raise OSError(f"could not write {path}: {err.strerror or err}") from err
+    except SafetensorError as err:  # safetensors reports I/O errors (a full disk) as its own exception
+        raise OSError(f"could not write {path}: {err}") from err
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -106,9 +111,11 @@ def check_writable(folder: str | os.PathLike, fix: str, what: str = "") -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"hdm")
-        probe.unlink()
     except OSError as err:
         raise OSError(f"cannot write to {what}{folder} ({err.strerror or err}); {fix}") from err
+    finally:  # a full disk fails the write after creating the file: it goes too
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _umask() -> int:

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from hdm_core import PRESETS, XUT
-from hdm_core.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX, apply_adapters, load_adapter, save_adapter
+from hdm_core.adapters import apply_adapters, load_adapter, save_adapter
 from hdm_core.checkpoint import load_components, save_single_file
 from hdm_core.convert_lycoris import SOURCE_KEY
 from hdm_core.convert_lycoris import main as convert_main
 from hdm_core.layers import RMSNorm
+from hdm_core.layout import LORA_TE_PREFIX, LORA_UNET_PREFIX
 from hdm_core.merge import MERGED_KEY
 from hdm_core.merge import main as merge_main
 from hdm_core.text_encoder import TextEncoder
@@ -61,7 +62,7 @@ def lycoris(root: torch.nn.Module, preset: dict, seed: int = 1, **kwargs):
     return net
 
 
-def export(net, root: torch.nn.Module, prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+def export(net, root: torch.nn.Module, prefix: str = LORA_UNET_PREFIX) -> dict[str, torch.Tensor]:
     """LyCORIS tensors renamed to `<prefix><module path>.<tensor>` (what the trainer's export does)."""
     where = {id(m): path for path, m in root.named_modules()}
     return {f"{prefix}{where[id(lo.org_module[0])]}.{k}": v.detach().clone()
@@ -86,6 +87,23 @@ def test_lycoris_train_norm_network_matches_after_export(model, monkeypatch):
     assert (got - expected).abs().max() <= 1e-5 < (output(model).double() - expected).abs().max()
 
 
+@pytest.mark.parametrize("algo, kwargs", [("loha", {}), ("lokr", {"factor": 4})])
+def test_loha_and_low_rank_lokr_match_the_training_forward(model, algo, kwargs):
+    """LoHa and a low-rank LoKr (alpha 2, dim 4) exported and merged give what the LyCORIS network computes while
+    training; LyCORIS 4.1.3's own merge (get_diff_weight) applies alpha / dim once more (docs/adapters.md)."""
+    wrapped = copy.deepcopy(model).double()
+    net = lycoris(wrapped, {"target_module": ["Linear"]}, lora_dim=4, alpha=2.0, network_module=algo, **kwargs)
+    net = net.double()
+    sd = export(net, wrapped)
+    merged = apply_adapters(copy.deepcopy(model).double(), [(sd, 1.0)])
+    assert (output(merged, torch.float64) - output(wrapped, torch.float64)).abs().max() <= 1e-5
+    lo = next(lo for lo in net.loras if lo.scale != 1.0)
+    path = {id(m): p for p, m in wrapped.named_modules()}[id(lo.org_module[0])]
+    ours = merged.state_dict()[f"{path}.weight"] - model.state_dict()[f"{path}.weight"].double()
+    theirs = lo.get_diff_weight(multiplier=1, shape=ours.shape)[0]
+    torch.testing.assert_close(theirs, ours * lo.scale)  # alpha / dim twice
+
+
 # ---------------------------------------------------------------------------------------------------
 # hdm_core.merge
 # ---------------------------------------------------------------------------------------------------
@@ -94,12 +112,12 @@ def adapter(model: XUT, te: TextEncoder) -> dict[str, torch.Tensor]:
     """LoRA on a Linear, w_norm / b_norm on a LayerNorm, LoRA on a Qwen3 projection."""
     g, w = torch.Generator().manual_seed(3), model.state_dict()[LINEAR + ".weight"]
     q = te.model.state_dict()["layers.0.self_attn.q_proj.weight"]
-    return {f"{UNET_PREFIX}{LINEAR}.lora_up.weight": torch.randn(w.shape[0], 4, generator=g) * 0.2,
-            f"{UNET_PREFIX}{LINEAR}.lora_down.weight": torch.randn(4, w.shape[1], generator=g) * 0.2,
-            f"{UNET_PREFIX}shared_adaln_ffw.0.w_norm": torch.randn(64, generator=g) * 0.2,
-            f"{UNET_PREFIX}shared_adaln_ffw.0.b_norm": torch.randn(64, generator=g) * 0.2,
-            f"{TEXT_ENCODER_PREFIX}layers.0.self_attn.q_proj.lora_up.weight": torch.randn(q.shape[0], 2, generator=g),
-            f"{TEXT_ENCODER_PREFIX}layers.0.self_attn.q_proj.lora_down.weight": torch.randn(2, q.shape[1], generator=g)}
+    return {f"{LORA_UNET_PREFIX}{LINEAR}.lora_up.weight": torch.randn(w.shape[0], 4, generator=g) * 0.2,
+            f"{LORA_UNET_PREFIX}{LINEAR}.lora_down.weight": torch.randn(4, w.shape[1], generator=g) * 0.2,
+            f"{LORA_UNET_PREFIX}shared_adaln_ffw.0.w_norm": torch.randn(64, generator=g) * 0.2,
+            f"{LORA_UNET_PREFIX}shared_adaln_ffw.0.b_norm": torch.randn(64, generator=g) * 0.2,
+            f"{LORA_TE_PREFIX}layers.0.self_attn.q_proj.lora_up.weight": torch.randn(q.shape[0], 2, generator=g),
+            f"{LORA_TE_PREFIX}layers.0.self_attn.q_proj.lora_down.weight": torch.randn(2, q.shape[1], generator=g)}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +126,7 @@ def merge_inputs(tiny_parts, tiny_checkpoint, tmp_path_factory):
     comps = load_components(tiny_checkpoint)
     a = save_adapter(folder / "a.safetensors", adapter(comps.model, comps.text_encoder))
     b = save_adapter(folder / "b.safetensors", {k: v for k, v in adapter(comps.model, comps.text_encoder).items()
-                                                if k.startswith(UNET_PREFIX + LINEAR)})
+                                                if k.startswith(LORA_UNET_PREFIX + LINEAR)})
     return folder, comps, a, b
 
 
@@ -165,7 +183,7 @@ def test_merge_refuses_bad_inputs_and_writes_nothing(merge_inputs, tiny_checkpoi
                                                        torch.zeros(4, 1), "diffusion_model.double_blocks.0.img_attn."
                                                        "qkv.lora_down.weight": torch.zeros(1, 4)})
     out = folder / "out.safetensors"
-    cases = [([str(pickle), str(out)], "base.pt: a pickle file"),
+    cases = [([str(pickle), str(out)], "base.pt is a pickle file"),
              ([str(folder / "nope.safetensors"), str(out)], "nope.safetensors: no such file"),
              ([str(tiny_checkpoint), str(out), "--lora", str(folder / "gone.safetensors")], "gone.safetensors"),
              ([str(tiny_checkpoint), str(out), "--lora", str(other)], "double_blocks.0.img_attn"),
@@ -210,7 +228,7 @@ def test_convert_matches_the_lycoris_network(model, lycoris_pt, tiny_checkpoint,
     out = folder / "xut.safetensors"
     assert convert_main([str(folder / "xut.pt"), str(out), "--allow-pickle", "--preset", "xut-tiny"]) == 0
     sd = load_adapter(out)
-    assert all(k.startswith(UNET_PREFIX) and k.endswith((".lokr_w1", ".lokr_w2", ".alpha")) for k in sd)
+    assert all(k.startswith(LORA_UNET_PREFIX) and k.endswith((".lokr_w1", ".lokr_w2", ".alpha")) for k in sd)
     got = output(apply_adapters(copy.deepcopy(model).double(), [(out, 1.0)]), torch.float64)
     assert (got - xut_out).abs().max() <= 1e-5
     source = json.loads(fb_metadata(out)[SOURCE_KEY])
@@ -233,18 +251,21 @@ def test_convert_refuses_without_allow_pickle_and_unmapped_keys(lycoris_pt, caps
     assert "--allow-pickle" in capsys.readouterr().err and not out.exists()
 
     sd = torch.load(folder / "xut.pt", weights_only=True)
-    bad = {**sd, "lycoris_no_such_module.lokr_w1": torch.zeros(2, 2), f"lycoris_{LINEAR.replace('.', '_')}.dora_scale":
-           torch.zeros(1)}
-    torch.save(bad, folder / "bad.pt")
-    assert convert_main([str(folder / "bad.pt"), str(out), "--allow-pickle", "--preset", "xut-tiny"]) == 2
-    err = capsys.readouterr().err
-    assert "2 of" in err and "lycoris_no_such_module.lokr_w1" in err and "dora_scale" in err and not out.exists()
+    module = f"lycoris_{LINEAR.replace('.', '_')}"
+    for extra, message in (({"lycoris_no_such_module.lokr_w1": torch.zeros(2, 2)}, "1 of"),
+                           ({f"{module}.dora_scale": torch.zeros(1)}, "1 keys are DoRA"),
+                           ({f"{module}.lokr_t2": torch.zeros(2, 2, 1, 1)}, "1 keys are Tucker")):
+        torch.save({**sd, **extra}, folder / "bad.pt")
+        assert convert_main([str(folder / "bad.pt"), str(out), "--allow-pickle", "--preset", "xut-tiny"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: bad.pt: ") and message in err and next(iter(extra)) in err, err
+        assert err.count("\n") == 1 and not out.exists()
     # the right names at the wrong size: a base-sized adapter for the tiny XUT
     assert convert_main([str(folder / "xut.pt"), str(out), "--allow-pickle", "--preset", "xut-base"]) == 2
     assert "does not fit the weight" in capsys.readouterr().err and not out.exists()
     torch.save([1, 2], folder / "list.pt")
     assert convert_main([str(folder / "list.pt"), str(out), "--allow-pickle"]) == 2
-    assert "holds a list, not a LyCORIS state dict" in capsys.readouterr().err and not out.exists()
+    assert "list.pt holds a list, not a dict of tensors" in capsys.readouterr().err and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,9 +284,9 @@ def test_stock_lora_loader_reads_text_encoder_and_norm_keys(request, tmp_path_fa
     comps = fresh()
     g, weights = torch.Generator().manual_seed(9), comps.model.state_dict()
     sd = {k: v for k, v in adapter(comps.model, comps.text_encoder).items() if "lora_" not in k or "text" in k}
-    sd[f"{UNET_PREFIX}shared_adaln_attn.1.diff"] = torch.randn(weights["shared_adaln_attn.1.weight"].shape,
+    sd[f"{LORA_UNET_PREFIX}shared_adaln_attn.1.diff"] = torch.randn(weights["shared_adaln_attn.1.weight"].shape,
                                                                 generator=g) * 0.05
-    sd[f"{UNET_PREFIX}shared_adaln_attn.1.diff_b"] = torch.randn(weights["shared_adaln_attn.1.bias"].shape,
+    sd[f"{LORA_UNET_PREFIX}shared_adaln_attn.1.diff_b"] = torch.randn(weights["shared_adaln_attn.1.bias"].shape,
                                                                   generator=g) * 0.05
     name = f"hdm_te_norm_{uuid.uuid4().hex[:8]}.safetensors"
     save_adapter(s.server.base / "models" / "loras" / name, sd)

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 
 from hdm_core import PRESETS, XUT
-from hdm_core.adapters import TEXT_ENCODER_PREFIX, apply_adapters, load_adapter, save_adapter
+from hdm_core.adapters import apply_adapters, load_adapter, save_adapter
 from hdm_core.checkpoint import load_components
 from hdm_core.generate import main as generate_main
+from hdm_core.layout import LORA_TE_PREFIX
 from hdm_core.pipeline import GenerationParams, generate
 from hdm_core.text_encoder import TextEncoder
 from hdm_core.weights import CheckpointError
@@ -109,7 +111,8 @@ def test_bad_adapters_are_refused_by_name(model, tmp_path):
     w = model.state_dict()[LINEAR]
     good = lora({LINEAR: w.shape})
     cases = [({"diffusion_model.no.such.layer.lora_up.weight": torch.zeros(1, 1), **good}, "no.such.layer"),
-             ({**good, "diffusion_model.x.dora_scale": torch.zeros(1)}, "not LoRA/LoHa/LoKr"),
+             ({**good, "diffusion_model.x.dora_scale": torch.zeros(1)}, "are DoRA"),
+             ({**good, "diffusion_model.x.lora_gate": torch.zeros(1)}, "not LoRA/LoHa/LoKr"),
              ({k: v for k, v in good.items() if "down" not in k}, "lacks ['lora_down.weight']"),
              (lora({LINEAR: torch.Size([64, 64])}), "does not fit the weight [192, 64]")]
     for sd, message in cases:
@@ -140,10 +143,10 @@ def test_cli_lora_flag(tiny_checkpoint, encoder, tmp_path, capsys):
                         ("lora", ["--lora", f"{path}:1.5", "--lora", str(path)]), ("te", ["--lora", str(te_path)])):
         out = tmp_path / name
         assert generate_main([*common, "--out", str(out), *extra]) == 0
-        images[name] = (out / "hdm_0000000000_000.png").read_bytes()
+        images[name] = Image.open(out / "hdm_0000000000_000.png").tobytes()
     assert images["zero"] == images["plain"] != images["lora"] and images["te"] not in (images["plain"], images["lora"])
-    for name, message in (("missing.safetensors", "missing.safetensors: not a .safetensors file here"),
-                          ("lora.pt", "lora.pt: a pickle file")):
+    for name, message in (("missing.safetensors", "missing.safetensors: no such file"),
+                          ("lora.pt", "lora.pt is a pickle file")):
         assert generate_main([*common, "--out", str(tmp_path / "bad"), "--lora", str(tmp_path / name)]) == 2
         assert message in capsys.readouterr().err
 
@@ -197,8 +200,8 @@ def te_lora(encoder: TextEncoder, seed: int = 7) -> dict[str, torch.Tensor]:
     g, sd, weights = torch.Generator().manual_seed(seed), {}, encoder.model.state_dict()
     for module in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
         out_dim, in_dim = weights[module + ".weight"].shape
-        sd[f"{TEXT_ENCODER_PREFIX}{module}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
-        sd[f"{TEXT_ENCODER_PREFIX}{module}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
+        sd[f"{LORA_TE_PREFIX}{module}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
+        sd[f"{LORA_TE_PREFIX}{module}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
     return sd
 
 

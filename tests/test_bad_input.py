@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hdm_core.canvas import Camera
 from hdm_core.checkpoint import CONFIG_METADATA_KEY, CheckpointError, load_components, load_xut, save_single_file
 from hdm_core.pipeline import GenerationParams, generate
 from hdm_core.sampling import flow_sigmas
@@ -31,10 +32,10 @@ def comps(tiny_checkpoint):
 @pytest.mark.parametrize("change, message", [
     (dict(cfg=math.nan), "cfg must be a finite number"),
     (dict(cfg=math.inf), "cfg must be a finite number"),
-    (dict(zoom=math.nan), "zoom must be a finite number"),
-    (dict(zoom=0.0), "zoom must be a finite number"),
-    (dict(x_shift=math.inf), "x_shift must be a finite number"),
-    (dict(y_shift=math.nan), "y_shift must be a finite number"),
+    (dict(camera=lambda: Camera(zoom=math.nan)), "zoom must be a finite number"),
+    (dict(camera=lambda: Camera(zoom=0.0)), "zoom must be a finite number"),
+    (dict(camera=lambda: Camera(x_shift=math.inf)), "x_shift must be a finite number"),
+    (dict(camera=lambda: Camera(y_shift=math.nan)), "y_shift must be a finite number"),
     (dict(shift=math.nan), "shift must be a finite number"),
     (dict(strength=math.nan), "strength must be a finite number"),
     (dict(strength=1.5), "strength must be a finite number in"),
@@ -51,9 +52,9 @@ def comps(tiny_checkpoint):
     (dict(sampler="ddim"), "unknown sampler 'ddim'"),
 ])
 def test_generation_params_are_checked_up_front(change, message):
-    params = GenerationParams(**{"prompt": "a red circle", **change})
-    with pytest.raises(ValueError, match=message):
-        params.validate()
+    with pytest.raises(ValueError, match=message):  # a Camera checks itself when it is built
+        change = {k: v() if callable(v) else v for k, v in change.items()}
+        GenerationParams(**{"prompt": "a red circle", **change}).validate()
 
 
 def test_generate_checks_before_loading_or_sampling(comps):
@@ -61,8 +62,8 @@ def test_generate_checks_before_loading_or_sampling(comps):
     model_forward = comps.model.forward
     comps.model.forward = lambda *a, **kw: calls.append(1) or model_forward(*a, **kw)
     try:
-        with pytest.raises(ValueError, match="zoom"):
-            generate(comps, GenerationParams("x", width=32, height=32, steps=2, zoom=math.nan))
+        with pytest.raises(ValueError, match="cfg"):
+            generate(comps, GenerationParams("x", width=32, height=32, steps=2, cfg=math.nan))
         with pytest.raises(ValueError, match="strength 0.5 is for img2img"):
             generate(comps, GenerationParams("x", width=32, height=32, steps=2, strength=0.5))
     finally:

@@ -4,13 +4,10 @@ disks. Tiny recipe, a few steps, small toy data."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import random
-import resource
 import shutil
-import signal
 import struct
 import types
 import zlib
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from full_disk import disk_full_after
 from PIL import Image
 
 import training.train as train_module
@@ -168,7 +166,7 @@ def test_restart_after_a_zero_byte_checkpoint_resumes(stopped, tmp_path, caplog)
     ("data.captions.tag_dropout=nan", "data.captions.tag_dropout"), ("optim.grad_clip=-inf", "optim.grad_clip"),
 ])
 def test_nan_and_inf_recipe_values_are_refused_by_key(override, key):
-    with pytest.raises(ValueError, match=rf"{key} in .*tiny_cpu.toml is -?(nan|inf); it must be a finite number"):
+    with pytest.raises(ValueError, match=rf"{key} in the command-line overrides is -?(nan|inf); it must be a finite"):
         load_recipe(TINY, [override])
 
 
@@ -275,19 +273,6 @@ def test_a_truncated_shard_is_counted_as_far_as_it_goes_and_training_runs(tmp_pa
 # 5. A full disk never leaves a half-written file
 # ---------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _disk_full_after(nbytes: int):
-    """Writes past `nbytes` of any file fail with EFBIG, as on a full disk (RLIMIT_FSIZE, SIGXFSZ ignored)."""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
@@ -300,7 +285,7 @@ def test_loss_plot_is_whole_or_untouched(tmp_path):
         writer.writerows({"step": s, "loss": 1 / s} for s in range(1, 20))
     plot_loss_curve(log_csv, png)
     before = png.read_bytes()
-    with _disk_full_after(2000), pytest.raises(OSError, match="could not write .*loss.png"):
+    with disk_full_after(2000), pytest.raises(OSError, match="could not write .*loss.png"):
         plot_loss_curve(log_csv, png)
     assert png.read_bytes() == before and _leftovers(tmp_path) == []
 
@@ -309,14 +294,14 @@ def test_sample_grid_and_recipe_json_are_never_half_written(tmp_path, monkeypatc
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     monkeypatch.setattr(train_module, "sample_grid", lambda *a: noise)
     st = types.SimpleNamespace(recipe=types.SimpleNamespace(run_dir=tmp_path), step=3, ema=None, model=None,
-                               text_encoder=None, vae=None, autocast=None)
-    with _disk_full_after(1000), pytest.raises(OSError, match="could not write .*step_00000003.png"):
+                               encoders=types.SimpleNamespace(text=None, vae=None), autocast=None)
+    with disk_full_after(1000), pytest.raises(OSError, match="could not write .*step_00000003.png"):
         train_module.save_samples(st)
     assert list((tmp_path / "samples").iterdir()) == []
 
     data = make_toy_folder(tmp_path / "imgs", n=4, corrupt=0)
     monkeypatch.setattr(train_module, "optimizer_step", _no_steps)
-    with _disk_full_after(200), pytest.raises(OSError, match="could not write .*recipe.json"):
+    with disk_full_after(200), pytest.raises(OSError, match="could not write .*recipe.json"):
         _run(data, tmp_path / "runs", "train.max_steps=2")
     assert not (tmp_path / "runs" / "tiny_cpu" / "recipe.json").exists()
     assert _leftovers(tmp_path) == []

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from hdm_core.rope import area_downsample_pos, crop_pos, make_axial_pos
+from hdm_core.canvas import Region, canvas_position_map
+from hdm_core.rope import area_downsample_pos, make_axial_pos
 from training.captions import CaptionRules, process_caption
 from training.data import (
     BatchPlan,
@@ -75,15 +77,15 @@ def test_shifted_square_crop_geometry(size):
 @pytest.mark.parametrize("full,top,left,crop,factor", [((40, 96), 0, 13, (40, 40), 8), ((96, 40), 27, 0, (40, 40), 8),
                                                        ((32, 32), 0, 0, (32, 32), 1), ((24, 64), 0, 5, (24, 24), 4)])
 def test_crop_position_map_equals_the_full_map_at_the_crop(full, top, left, crop, factor):
-    """The map of the crop equals the full image's pixel map cut at the crop window, area-downsampled."""
-    full_map = make_axial_pos(*full)
-    expected = area_downsample_pos(crop_pos(full_map, *full, top, left, *crop), *crop, factor)
+    """The map of the crop is the region's map on the full image (the canvas), area-downsampled; at factor 1 it is
+    bit for bit the full image's map at the pixels the crop came from."""
+    region = canvas_position_map(*full, region=Region(top, left, *crop))
     got = crop_position_map(*full, top, left, *crop, factor)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    if factor == 1:  # and every crop pixel carries the map entry of the pixel it came from
+    torch.testing.assert_close(got, area_downsample_pos(region, *crop, factor), atol=1e-6, rtol=0)
+    if factor == 1:
         rows, cols = torch.meshgrid(torch.arange(crop[0]), torch.arange(crop[1]), indexing="ij")
         src = ((rows + top) * full[1] + cols + left).reshape(-1)
-        torch.testing.assert_close(got, full_map[src])
+        assert torch.equal(got, make_axial_pos(*full)[src]) and torch.equal(got, region)
 
 
 def test_sample_image_and_map_are_cropped_together():
@@ -199,3 +201,19 @@ def test_shard_stream_resume_with_workers(tmp_path):
     first, state = take(5)
     rest, _ = take(6, state)
     assert first + rest == full
+
+
+def test_latent_cache_tool_needs_no_base_when_the_encoders_are_named(tmp_path, capsys):
+    """`python -m training.cache` for a later stage: its recipe names the text encoder and VAE, so the previous
+    stage's export (model.init_from) need not exist yet; bad input is one `error:` line with exit 2."""
+    from training.cache import main as cache_main
+    from training.toy_data import make_toy_folder
+
+    make_toy_folder(tmp_path / "imgs", n=4)
+    tiny = str(Path(__file__).resolve().parents[1] / "training" / "recipes" / "tiny_cpu.toml")
+    base = ["--config", tiny, f"data.path={tmp_path / 'imgs'}", "model.init_from=runs/stage1/export/stage1.safetensors"]
+    assert cache_main([*base, f"data.cache={tmp_path / 'cache'}"]) == 0
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4
+    assert cache_main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: set data.cache=<folder> (on the command line or in the recipe)"]

@@ -43,8 +43,7 @@ def _spec(recipe) -> SampleSpec:
 
 def _counts(mix, epoch: int) -> collections.Counter:
     """How often each file (path) is read in an epoch."""
-    files = [f for part in mix.parts for f in part.files]
-    return collections.Counter(files[i] for i, _ in mix.items(epoch))
+    return collections.Counter(dict(zip(mix.files, mix.counts(epoch))))
 
 
 def _view(batches) -> list:
@@ -75,7 +74,7 @@ def test_plain_single_folder_is_unchanged(tmp_path, bucketing):
     plan = BatchPlan(3, 3, buckets=make_buckets(32, 8, 2.0) if bucketing else None)
     old = FolderSource(FolderDataset(root, _spec(recipe), seed=3), plan)
     new, per_epoch = build_data(recipe, 1, 0, 1, None)
-    assert per_epoch == old.batches_per_epoch and new.sampler.items is None
+    assert per_epoch == old.batches_per_epoch and new.sampler.counts is None
     n = 2 * per_epoch + 1                                  # crosses two epoch boundaries
     batches = list(itertools.islice(iter(new), n))
     assert _view(batches) == _view(itertools.islice(iter(old), n))
@@ -99,10 +98,11 @@ def test_kohya_folder_repeats_count_per_epoch(tmp_path):
         assert {f: c for f, c in counts.items() if f.parent.name == "3_char"} == \
             {f: 3 for f in (root / "3_char").glob("*.png")}
         assert sum(counts.values()) == 4 * 3 + 5 + 2 and set(counts.values()) == {1, 3}
-    copies = [mix[(i, 0, 32, 32, 0, k)] for i, k in mix.items(0) if mix.parts[0].files[i].parent.name == "3_char"]
+    copies = [mix[(i, 0, 32, 32, 0, k)] for i, n in enumerate(mix.counts(0)) for k in range(n)
+              if mix.files[i].parent.name == "3_char"]
     assert len({c.pixels.sum().item() + c.pos.sum().item() for c in copies}) > 4  # each copy its own crop
     off = open_datasets(_recipe(path=str(root), folder_repeats=False).data, _spec(_recipe()), seed=3)
-    assert off.items is None
+    assert off.counts is None
 
 
 def test_weighted_datasets_exact_and_fractional_repeats(tmp_path):
@@ -121,7 +121,7 @@ def test_weighted_datasets_exact_and_fractional_repeats(tmp_path):
         assert all(counts[f] in (2, 3) for f in c.glob("*.png")) and sum(counts[f] for f in c.glob("*.png")) in (7, 8)
         totals.update({f: counts[f] for f in c.glob("*.png")})
     assert all(abs(t / 200 - 2.5) < 0.15 for t in totals.values())   # 2.5 per epoch on average, file by file
-    assert mix.items(7) == mix.items(7) and len({tuple(mix.items(e)) for e in range(10)}) > 1
+    assert mix.counts(7) == mix.counts(7) and len({tuple(mix.counts(e)) for e in range(10)}) > 1
     weights = {mix.parts[mix.locate(i)[0]].root: mix[(i, 0, 32, 32)].loss_weight.item() for i in (0, 7, 13)}
     assert weights == {a: 1.0, b: 0.5, c: 1.0}
 
@@ -130,7 +130,7 @@ def test_weights_of_one_keep_the_plain_loss_path(tmp_path):
     a, b = make_dataset(tmp_path / "a", n=4, seed=0), make_dataset(tmp_path / "b", n=4, seed=1)
     recipe = _recipe(datasets=[{"path": str(a)}, {"path": str(b)}])
     source, _ = build_data(recipe, 1, 0, 1, None)
-    assert source.sampler.items is None and next(iter(source)).loss_weight is None
+    assert source.sampler.counts is None and next(iter(source)).loss_weight is None
 
 
 def test_regularization_set_matches_the_training_count_and_carries_its_weight(tmp_path):

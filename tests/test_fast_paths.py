@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from hdm_core import PRESETS, XUT, camera_position_map
+from hdm_core import PRESETS, XUT, Camera, canvas_position_map
 from hdm_core.pipeline import make_denoiser, pad_contexts
 from hdm_core.tread import keep_index, random_keep_index, random_keep_mask
 
@@ -50,7 +50,7 @@ def ragged_mask() -> torch.Tensor:
 
 CASES = {
     "plain": lambda: {},
-    "camera": lambda: dict(pos_map=camera_position_map(SIDE, SIDE, 0.25, -0.5, 1.5)),
+    "camera": lambda: dict(pos_map=canvas_position_map(SIDE, SIDE, Camera(0.25, -0.5, 1.5))),
     "ctx_mask_and_tread": lambda: dict(ctx_mask=ragged_mask(), tread_keep=routing()),
 }
 
@@ -155,7 +155,7 @@ def test_padding_content_is_invisible(model):
 def test_batched_cfg_denoiser_equals_separate(model, pos_map, lengths):
     g = torch.Generator().manual_seed(3)
     cond, uncond = (torch.randn(1, n, CFG.ctx_dim, generator=g) for n in lengths)
-    pos = {None: None, "latent": camera_position_map(SIDE, SIDE, 0.2, 0.1, 1.3),
+    pos = {None: None, "latent": canvas_position_map(SIDE, SIDE, Camera(0.2, 0.1, 1.3)),
            "batched": torch.randn(B, SIDE * SIDE, 2, generator=g)}[pos_map]
     x, sigma = torch.randn(B, CFG.input_dim, SIDE, SIDE, generator=g), torch.full((B,), 0.7)
     kw = dict(pos_map=pos, aspect=torch.randn(B, generator=g))

@@ -10,13 +10,15 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from hdm_core.adapters import apply_adapters, load_adapter
-from hdm_core.checkpoint import SafetensorsFile, load_components
+from hdm_core.adapters import apply_adapters, load_adapter, save_adapter
+from hdm_core.checkpoint import SafetensorsFile, fingerprint, load_components
 from hdm_core.merge import merge_checkpoint
 from hdm_core.rope import make_axial_pos
 from training.checkpointing import latest_checkpoint, load_checkpoint
@@ -193,6 +195,55 @@ def test_validation_loss_messages_and_tensorboard_samples(base, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
-    assert [e.step for e in events.Images("samples")] == [6]
+    assert [e.step for e in events.Images("samples")] == [0, 6]  # the base's grid first: the baseline
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
     assert "samples/prompts/text_summary" in events.Tags()["tensors"]
+
+
+def test_adapter_resume_refuses_another_base_and_the_export_records_it(base, tmp_path):
+    """The file at model.init_from replaced by another model between stop and resume: refused, naming both
+    fingerprints; the export records its base's fingerprint, and applying it to another base warns."""
+    root, export = base
+    copy_of_base = tmp_path / "base.safetensors"
+    copy_of_base.write_bytes(export.read_bytes())
+    _adapter_run(tmp_path, copy_of_base, "moved", "finetune.method=lora", extra=("--stop-at", "2"))
+    state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "moved"))
+    assert state["base"] == {"path": str(copy_of_base), "fingerprint": fingerprint(export)}
+    other = merge_checkpoint(export, tmp_path / "other.safetensors",  # the same shapes, other weights and metadata
+                             [(str(save_adapter(tmp_path / "a.safetensors", _delta(export))), 1.0)])
+    copy_of_base.write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match=rf"its adapter was trained on {copy_of_base} \(hdm-fp1:.*\), but "
+                                         rf"model.init_from {copy_of_base} is now another file \(hdm-fp1:.*\)"):
+        _adapter_run(tmp_path, copy_of_base, "moved", "finetune.method=lora", extra=("--resume",))
+    copy_of_base.write_bytes(export.read_bytes())  # the original back: the resume goes on
+    (adapter,) = _adapter_run(tmp_path, copy_of_base, "moved", "finetune.method=lora", extra=("--resume",))
+    meta = SafetensorsFile(adapter).metadata
+    assert meta["hdm.base_fingerprint"] == fingerprint(export) and meta["hdm.base"] == "base.safetensors"
+    comps = load_components(other)
+    with pytest.warns(UserWarning, match="moved.safetensors was trained on base.safetensors .*not on this model"):
+        apply_adapters(comps.model, [(adapter, 1.0)], base=fingerprint(other))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_adapters(load_components(export).model, [(adapter, 1.0)], base=fingerprint(export))
+
+
+def _delta(export: Path) -> dict[str, torch.Tensor]:
+    """A small LoRA for the tiny base's first attention projection."""
+    w = SafetensorsFile(export)["unet.model.backbone.enc_blocks.0.0.attn.qkv.weight"]
+    g = torch.Generator().manual_seed(0)
+    module = "diffusion_model.backbone.enc_blocks.0.0.attn.qkv"
+    return {f"{module}.lora_up.weight": torch.randn(w.shape[0], 2, generator=g),
+            f"{module}.lora_down.weight": torch.randn(2, w.shape[1], generator=g)}
+
+
+def test_fingerprint_is_cheap_and_sees_what_changes(tmp_path):
+    big = tmp_path / "big.safetensors"
+    save_file({"w": torch.arange(3_000_000, dtype=torch.float32)}, str(big), metadata={"a": "1"})
+    first = fingerprint(big)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(big.read_bytes())
+    assert fingerprint(copy) == first and first.startswith("hdm-fp1:")
+    save_file({"w": torch.arange(3_000_000, dtype=torch.float32)}, str(big), metadata={"a": "2"})
+    assert fingerprint(big) != first                      # the header (metadata) is covered
+    save_file({"w": torch.arange(3_000_000, dtype=torch.float32).flip(0)}, str(big), metadata={"a": "1"})
+    assert fingerprint(big) != first                      # and blocks across the tensor data

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hdm_core import XUT, XUTConfig, camera_position_map, downsample_pos, make_axial_pos
+from hdm_core import XUT, Camera, XUTConfig, canvas_position_map, downsample_pos, make_axial_pos
 from hdm_core.checkpoint import UNET_PREFIX, load_xut, save_single_file
 from hdm_core.pipeline import make_denoiser
 from hdm_core.sampling import flow_sigmas, sample_euler
@@ -92,10 +92,10 @@ def test_camera_map_and_its_reduction(golden):
     i, o = golden["inputs"], golden["outputs"]
     b, _, h, w = i["x"].shape
     for k in range(b):
-        ours = camera_position_map(h, w, i["x_shift"][k].item(), i["y_shift"][k].item(), i["zoom"][k].item())
+        ours = canvas_position_map(h, w, Camera(i["x_shift"][k].item(), i["y_shift"][k].item(), i["zoom"][k].item()))
         assert max_abs(ours, i["pos_map_camera_latent"][k]) <= 2e-7
         assert max_abs(downsample_pos(ours, h, w)[0], o["pos_map_patch_camera"][k]) <= 2e-7
-    assert max_abs(camera_position_map(h, w), i["pos_map_identity_latent"][0]) <= 2e-7
+    assert max_abs(canvas_position_map(h, w), i["pos_map_identity_latent"][0]) <= 2e-7
     assert max_abs(make_axial_pos(h // 2, w // 2), o["pos_map_patch_default"][0]) <= 2e-7
 
 

@@ -15,6 +15,8 @@ from training.recipe import Recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 LOKR, LORA = RECIPES / "finetune_lokr_1024.toml", RECIPES / "finetune_lora_24gb.toml"
+CPU = RECIPES / "finetune_demo_cpu.toml"
+DEMO = RECIPES.parents[1] / "demo" / "pretrained" / "hdm-demo.safetensors"
 
 
 def header(path: Path) -> str:
@@ -71,3 +73,26 @@ def test_lora_24gb_recipe_matches_its_header():
 def test_finetune_recipes_start_from_the_released_model(path):
     r = load_recipe(path)
     assert r.model.init_from and r.model.preset == "" and r.finetune.adapter
+
+
+def test_cpu_recipe_fine_tunes_the_shipped_demo_model_naming_its_base_once(tmp_path, capsys):
+    """finetune_demo_cpu.toml: only model.init_from names the base (the text encoder and the pixel-space marker come
+    from the same file); two steps train, and the export records the demo file as its base."""
+    from hdm_core.checkpoint import SafetensorsFile, fingerprint
+    from training.toy_data import make_dataset
+    from training.train import main, parse_args
+
+    r = load_recipe(CPU)
+    assert (r.model.init_from, r.model.text_encoder, r.model.vae) == ("demo/pretrained/hdm-demo.safetensors", "", "")
+    assert r.finetune.method == "lora" and r.model.max_length == 3 and r.run.sample_every and r.data.validation_split
+    data = make_dataset(tmp_path / "orange", n=24, seed=1, colours=("orange",))
+    (export,) = main(parse_args(["--config", str(CPU), f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}",
+                                 f"model.init_from={DEMO}", "train.max_steps=2", "train.batch_size=4",
+                                 "data.validation_split=0.3", "run.sample_every=2", "run.val_every=2",
+                                 "run.sample_steps=2"]))
+    meta = SafetensorsFile(export).metadata
+    assert meta["hdm.base"] == "hdm-demo.safetensors" and meta["hdm.base_fingerprint"] == fingerprint(DEMO)
+    out = capsys.readouterr().out
+    assert "step 2: validation loss" in out and "captions of" not in out  # three-token captions: nothing cut
+    assert sorted(p.name for p in (tmp_path / "runs" / "finetune_demo_cpu" / "samples").iterdir()) == [
+        "step_00000000.png", "step_00000002.png"]

@@ -169,7 +169,9 @@ def test_two_process_gloo_ddp_loss_goes_down(tmp_path):
     assert (run / "export" / "tiny_cpu.safetensors").is_file()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_saves_a_checkpoint_and_exits_128_plus_the_signal(tmp_path, signum):
+    """SIGTERM (a scheduler) exits 143 and Ctrl-C 130, after saving: never 0, so `train && next` does not go on."""
     data = make_toy_folder(tmp_path / "imgs", n=16, corrupt=0)
     run = tmp_path / "runs" / "tiny_cpu"
     cmd = [sys.executable, "-m", "training.train", "--config", TINY, f"data.path={data}",
@@ -179,12 +181,30 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     while not ((run / "log.csv").is_file() and len((run / "log.csv").read_text().splitlines()) > 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-2000:]
     ckpt = latest_checkpoint(run)
-    assert ckpt is not None and 0 < load_checkpoint(ckpt)["step"] < 100000
+    assert ckpt is not None and 0 < load_checkpoint(ckpt)["step"] < 100000 and "--resume" in out + err
     assert not (run / "done.json").exists()
+
+
+def test_sigterm_while_starting_stops_at_once_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """A stop before the training steps (here: while the stage is built) exits 143 with one line, and the run
+    folder the start made is gone."""
+    import training.stage
+    from training.train import cli_main
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM handler should have stopped the start")
+    monkeypatch.setattr(training.stage, "build_stage", killed)
+    data, before = make_toy_folder(tmp_path / "imgs", n=4, corrupt=0), signal.getsignal(signal.SIGTERM)
+    code = cli_main(["--config", TINY, f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}"])
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().startswith("stopped at once by SIGTERM")
+    assert not (tmp_path / "runs").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
 
 
 def test_frozen_encoders_read_from_a_released_single_file(tiny_parts, tmp_path):

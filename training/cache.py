@@ -13,22 +13,24 @@ The trainer reads the cache through `CachedSamples`, the `load_sample` of its Fo
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hdm_core.cli import ArgumentParser, run_tool
+from hdm_core.text_encoder import TextEncoder
 from hdm_core.weights import atomic_write
 
 from .captions import CaptionRules, process_caption
+from .checkpointing import resolve_init_from
 from .data import Sample, SampleSpec, crop_position_map, list_images, open_image
-from .encoders import build_text_encoder, build_vae
+from .encoders import Vae, build_encoder
 from .recipe import Recipe, load_recipe
 
 
@@ -68,7 +70,7 @@ class CachedSamples:
 
 
 @torch.no_grad()
-def encode_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posterior(vae: Vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the raw VAE posterior for images in [-1, 1]; pixel space: (image, 0)."""
     if not hasattr(vae, "vae"):
         return pixels, torch.zeros_like(pixels)
@@ -76,7 +78,7 @@ def encode_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torc
     return dist.mean.float(), dist.std.float()
 
 
-def cache_image(image_path: Path, out: Path, vae: Any, text_encoder: Any, recipe: Recipe,
+def cache_image(image_path: Path, out: Path, vae: Vae, text_encoder: TextEncoder, recipe: Recipe,
                 device: torch.device) -> bool:
     """Write one image's cache entry (atomically); False when the image is unreadable."""
     try:
@@ -101,22 +103,19 @@ def cache_image(image_path: Path, out: Path, vae: Any, text_encoder: Any, recipe
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Cache VAE latents and text embeddings for an image folder.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    recipe = load_recipe(args.config, args.overrides)
+def cache_folder(config: str, device_name: str, overrides: list[str]) -> None:
+    """Encode every image of the recipe's data.path (this rank's share) into data.cache, skipping those done."""
+    recipe = load_recipe(config, overrides)
     if not recipe.data.cache:
         raise ValueError("set data.cache=<folder> (on the command line or in the recipe)")
     if recipe.data.bucketing:
         raise ValueError("the latent cache supports the square-crop stages only; turn data.bucketing off")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.device == "cuda" else None)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    vae = build_vae(recipe.model.vae, dtype, device)
-    te = build_text_encoder(recipe.model.text_encoder, dtype, device)
+    device = torch.device(device_name, int(os.environ.get("LOCAL_RANK", 0)) if device_name == "cuda" else None)
+    m = recipe.model  # the base file is only needed for an encoder the recipe does not name itself
+    base_file = resolve_init_from(m.init_from) if m.init_from and not (m.vae and m.text_encoder) else None
+    vae = build_encoder("vae", m, base_file, device)
+    te = build_encoder("text_encoder", m, base_file, device)
     root = Path(recipe.data.path)
     files = list_images(root)[rank::world]
     for i, image_path in enumerate(files):
@@ -125,5 +124,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rank {rank}: {i}/{len(files)}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.cache`: exit 0 when done, 2 with one `error:` line for a user error (hdm_core.cli)."""
+    p = ArgumentParser(prog="python -m training.cache",
+                       description="Cache VAE latents and text embeddings for an image folder.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    return run_tool(lambda: cache_folder(args.config, args.device, args.overrides))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,12 +3,15 @@ run-folder write check, initial weights for a stage, and the released-layout exp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,19 @@ def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[st
     return None, None
 
 
+@contextlib.contextmanager
+def removed_on_failure(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Run a start-up block; if it raises and `run_dir` did not exist before it, remove what it created (the run
+    folder and any parent it made), so a failed start leaves no folder behind. `enabled`: rank 0 only."""
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if enabled and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 def check_writable(*folders: Path) -> None:
     """Each folder exists and takes a file, so a read-only folder or a full disk fails before the first training
     step instead of at the first checkpoint."""
@@ -105,6 +121,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        if "Weights only load failed" in str(err):  # a whole pickle of other objects, not a cut file
+            raise DamagedCheckpoint(f"{path} is not a training checkpoint: it holds objects other than tensors, "
+                                    f"which weights-only loading refuses because they could run code") from err
         reason = f"{type(err).__name__}: {str(err)[:120]}" if str(err) else "empty or cut short"
         raise DamagedCheckpoint(f"checkpoint {path} ({path.stat().st_size} bytes) is damaged ({reason})") from err
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
@@ -126,10 +145,8 @@ def resume_position(state: dict[str, Any], rank: int, world: int, path: Path) ->
                      f"resume with --nproc_per_node×nnodes = {state['world_size']}")
 
 
-def load_init_weights(source: str) -> tuple[dict[str, torch.Tensor], XUTConfig]:
-    """XUT weights and config from a released/exported .safetensors, a training .pt, or a run folder."""
-    from hdm_core.checkpoint import load_xut
-
+def resolve_init_from(source: str) -> Path:
+    """The file model.init_from names: itself, or for a run folder its export (else its latest checkpoint)."""
     path = Path(source)
     if path.is_dir():
         exports = sorted((path / "export").glob("*.safetensors"))
@@ -144,16 +161,30 @@ def load_init_weights(source: str) -> tuple[dict[str, torch.Tensor], XUTConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from {source} not found; point it at the previous stage's "
                                 f"export (runs/<stage>/export/<stage>.safetensors) or the released checkpoint")
+    return path
+
+
+def load_init_weights(path: Path) -> tuple[dict[str, torch.Tensor], XUTConfig]:
+    """XUT weights and config from the file model.init_from resolved to (`resolve_init_from`): a released/exported
+    .safetensors or a training .pt; errors name the key."""
+    from hdm_core.checkpoint import load_xut
+
     if path.suffix == ".pt":
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except DamagedCheckpoint as err:
+            raise DamagedCheckpoint(f"model.init_from: {err}") from err
         method = state["recipe"].get("finetune", {}).get("method", "full")
         if method != "full":
-            raise ValueError(f"model.init_from {source} is a checkpoint of a {method} adapter run: it holds the "
+            raise ValueError(f"model.init_from {path} is a checkpoint of a {method} adapter run: it holds the "
                              f"adapter, not the model. Point model.init_from at the base model, or merge the "
                              f"run's export into it first (python -m hdm_core.merge)")
         weights = state["ema"] if state.get("ema") else state["model"]
         return weights, XUTConfig.from_dict(state["config"])
-    model = load_xut(path, dtype=torch.float32)
+    try:
+        model = load_xut(path, dtype=torch.float32)
+    except ValueError as err:  # CheckpointError included
+        raise ValueError(f"model.init_from {path}: {err}") from err
     return model.state_dict(), model.config
 
 

@@ -18,16 +18,19 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
 from hdm_core.images import MAX_PIXELS, open_rgb, to_rgb
+from hdm_core.rope import axis_coords
 
 from .captions import CaptionRules, process_caption
+from .epochs import Group, RepeatedPlan
 from .runtime import mix_seed
 
 log = logging.getLogger("training.data")
@@ -58,25 +61,16 @@ def resize_and_crop(img: Image.Image, height: int, width: int,
     return img.crop((left, top, left + width, top + height)), top, left, rh, rw
 
 
-def _axis_centres(n_full: int, long_side: int, start: int, length: int, factor: int) -> torch.Tensor:
-    """Pixel-centre coordinates of [start, start+length) on an axis of n_full pixels, averaged per `factor`."""
-    extent = n_full / long_side
-    c = -extent + (torch.arange(start, start + length, dtype=torch.float64) + 0.5) * (2 / long_side)
-    return c.reshape(-1, factor).mean(1)
-
-
 def crop_position_map(full_h: int, full_w: int, top: int, left: int, height: int, width: int,
                       factor: int) -> torch.Tensor:
-    """Latent-resolution position map [(height/f)·(width/f), 2] of a crop of a full_h × full_w image.
-
-    Equals area_downsample_pos(crop_pos(make_axial_pos(full_h, full_w), …), …, factor) (SPEC §4.4) but is
-    computed per axis, since the map is separable (no full-resolution map is ever built).
-    """
+    """Latent-resolution position map [(height/f)·(width/f), 2] of a crop of a full_h × full_w image (SPEC §4.4):
+    the crop's slice of the whole image's map (`hdm_core.canvas.canvas_position_map` of that region), averaged
+    over f × f pixels. Computed per axis, since the map is separable (no full-resolution map is ever built)."""
     if height % factor or width % factor:
         raise ValueError(f"crop {height}x{width} is not divisible by the VAE factor {factor}")
     long_side = max(full_h, full_w)
-    ys = _axis_centres(full_h, long_side, top, height, factor)
-    xs = _axis_centres(full_w, long_side, left, width, factor)
+    ys = axis_coords(full_h, long_side, top, height).reshape(-1, factor).mean(1)
+    xs = axis_coords(full_w, long_side, left, width).reshape(-1, factor).mean(1)
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).float()
 
 
@@ -236,11 +230,23 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+class SampleKey(NamedTuple):
+    """What a map-style dataset is asked for: file `index` of `epoch`, cropped to (height, width); `batch` is the
+    batch's number in the epoch (the sample's `position`), `copy` which of the file's reads in the epoch it is (a
+    file read several times, training.datasets; copy 0 has the seed of a file read once)."""
+
+    index: int
+    epoch: int
+    height: int
+    width: int
+    batch: int = 0
+    copy: int = 0
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    """Images with same-stem .txt captions (a missing .txt is an empty caption). Keys are (index, epoch, h, w),
-    optionally followed by the batch number and the copy number (a file read several times in an epoch, see
-    training.datasets); `load_sample` turns a file into a Sample (see `LoadSample`). `files` (default: every
-    image under root) is the list to read, e.g. without held-out validation files."""
+    """Images with same-stem .txt captions (a missing .txt is an empty caption), indexed by `SampleKey` (or a tuple
+    of its fields); `load_sample` turns a file into a Sample (see `LoadSample`). `files` (default: every image
+    under root) is the list to read, e.g. without held-out validation files."""
 
     def __init__(self, root: str | os.PathLike, spec: SampleSpec, seed: int,
                  load_sample: LoadSample = load_image, files: list[Path] | None = None) -> None:
@@ -262,23 +268,23 @@ class FolderDataset(torch.utils.data.Dataset):
         except Exception:  # noqa: BLE001 - any unreadable file is skipped, whatever the decoder raises
             return None
 
-    def __getitem__(self, key: tuple[int, ...]) -> Sample:
-        index, epoch, h, w = key[:4]
-        copy = f"/{key[5]}" if len(key) > 5 and key[5] else ""  # copy 0 keeps the seed of a file read once
+    def __getitem__(self, key: SampleKey | tuple[int, ...]) -> Sample:
+        key = SampleKey(*key)
+        copy = f"/{key.copy}" if key.copy else ""  # copy 0 keeps the seed of a file read once
         for skipped in range(MAX_CORRUPT_IN_A_ROW):
-            i = (index + skipped) % len(self.files)
-            rng = random.Random(f"{self.seed}/{epoch}/{i}{copy}")
+            i = (key.index + skipped) % len(self.files)
+            rng = random.Random(f"{self.seed}/{key.epoch}/{i}{copy}")
             try:
-                sample = self.load_sample(self.files[i], self.caption(i), (h, w), self.spec, rng)
+                sample = self.load_sample(self.files[i], self.caption(i), (key.height, key.width), self.spec, rng)
                 break
             except Exception as err:  # noqa: BLE001
                 if i not in self._warned:
                     self._warned.add(i)
                     log.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
         else:
-            raise RuntimeError(f"{MAX_CORRUPT_IN_A_ROW} unreadable images in a row near {self.files[index]}; "
+            raise RuntimeError(f"{MAX_CORRUPT_IN_A_ROW} unreadable images in a row near {self.files[key.index]}; "
                                f"check the dataset (e.g. with PIL) before training")
-        sample.skipped, sample.position = skipped, (epoch, key[4] if len(key) > 4 else 0)
+        sample.skipped, sample.position = skipped, (key.epoch, key.batch)
         return sample
 
 
@@ -309,49 +315,79 @@ def epoch_plan(sizes: list[tuple[int, int] | None], epoch: int,
     return [[(i, epoch, *(size or (0, 0))) for i in idx] for size, idx in batches[plan.rank::plan.world][:per_rank]]
 
 
-# epoch -> the (file index, copy) pairs that epoch reads, a pure function of (seed, epoch) (training.datasets)
-EpochItems = Callable[[int], list[tuple[int, int]]]
+ReadCounts = Callable[[int], list[int]]  # epoch -> reads of each file in it (a training.datasets.EpochCounts)
 
 
 class PlanSampler(torch.utils.data.Sampler):
-    """Endless batch sampler over epochs from (epoch, batch); keys are (index, epoch, h, w, batch, copy).
-    `items` says what an epoch reads when files repeat; None reads every file once."""
+    """Endless batch sampler over epochs from (epoch, batch), yielding lists of `SampleKey`. `counts` says how often
+    each file is read in an epoch when files repeat (a lazy `training.epochs.RepeatedPlan`: memory in proportion to
+    the files); None reads every file once (`epoch_plan`)."""
 
     def __init__(self, sizes: list, plan: BatchPlan, resolution: int, start: tuple[int, int] = (0, 0),
-                 items: EpochItems | None = None) -> None:
-        self.sizes, self.plan, self.resolution, self.start, self.items = sizes, plan, resolution, start, items
+                 counts: ReadCounts | None = None) -> None:
+        self.sizes, self.plan, self.resolution, self.start, self.counts = sizes, plan, resolution, start, counts
         self.lengths: dict[int, int] = {}
         self.batches_per_epoch = self.epoch_length(0)
 
-    def epoch(self, epoch: int) -> list[list[tuple[int, int, int, int, int, int]]]:
-        """This rank's batches of one epoch, as dataset keys."""
-        items = self.items(epoch) if self.items else [(i, 0) for i in range(len(self.sizes))]
-        batches = epoch_plan([self.sizes[i] for i, _ in items], epoch, self.plan)
-        self.lengths[epoch], r = len(batches), self.resolution
-        return [[(items[j][0], e, h or r, w or r, b, items[j][1]) for j, e, h, w in batch]
-                for b, batch in enumerate(batches)]
+    def epoch(self, epoch: int) -> Sequence[list[SampleKey]]:
+        """This rank's batches of one epoch, as dataset keys (computed batch by batch when files repeat)."""
+        r = self.resolution
+        if self.counts is None:
+            batches = epoch_plan(self.sizes, epoch, self.plan)
+            self.lengths[epoch] = len(batches)
+            return [[SampleKey(i, e, h or r, w or r, b) for i, e, h, w in batch] for b, batch in enumerate(batches)]
+        plan = RepeatedPlan(self.counts(epoch), self.groups(), epoch, self.plan.seed, self.plan.batch_size,
+                            self.plan.rank, self.plan.world)
+        self.lengths[epoch] = len(plan)
+        return _Keys(plan, epoch, r)
+
+    def groups(self) -> list[Group]:
+        """The files by bucket, buckets in epoch_plan's order (files with an unreadable header are left out)."""
+        if self.plan.buckets is None:
+            return [Group(None, list(range(len(self.sizes))))]
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            if size is not None:
+                by_bucket.setdefault(nearest_bucket(self.plan.buckets, *size), []).append(i)
+        return [Group(b, files) for b, files in sorted(by_bucket.items(), key=lambda kv: str(kv[0]))]
 
     def epoch_length(self, epoch: int) -> int:
         """Batches in this rank's epoch (the same every epoch unless fractional repeats vary it)."""
         return self.lengths[epoch] if epoch in self.lengths else len(self.epoch(epoch))
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int, int]]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         epoch, first = self.start
         while True:
-            yield from self.epoch(epoch)[first:]
+            batches = self.epoch(epoch)
+            for b in range(first, len(batches)):
+                yield batches[b]
             epoch, first = epoch + 1, 0
+
+
+class _Keys(Sequence):
+    """A RepeatedPlan's batches as dataset keys."""
+
+    def __init__(self, plan: RepeatedPlan, epoch: int, resolution: int) -> None:
+        self.plan, self.epoch, self.resolution = plan, epoch, resolution
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> list[SampleKey]:
+        r = self.resolution
+        return [SampleKey(i, self.epoch, *(size or (r, r)), b, copy) for i, copy, size in self.plan[b]]
 
 
 class FolderSource:
     """Endless iterator of collated batches from an image folder (or a training.datasets.DatasetMix, with its
-    `items`); `state()` is the next (epoch, batch)."""
+    `counts`); `state()` is the next (epoch, batch)."""
 
     def __init__(self, dataset: FolderDataset, plan: BatchPlan, workers: int = 0, state: dict | None = None,
-                 items: EpochItems | None = None) -> None:
+                 counts: ReadCounts | None = None) -> None:
         sizes = [dataset.image_size(i) for i in range(len(dataset))] if plan.buckets else [None] * len(dataset)
         self.unreadable_at_start = sum(s is None for s in sizes) if plan.buckets else 0
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
-        self.sampler = PlanSampler(sizes, plan, dataset.spec.resolution, self.position, items)
+        self.sampler = PlanSampler(sizes, plan, dataset.spec.resolution, self.position, counts)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,

@@ -21,15 +21,19 @@ Modules are chosen by group (`finetune.modules`); each group is a set of XUT mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hdm_core.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX
+from hdm_core.adapters import BASE_FILE_KEY, BASE_FINGERPRINT_KEY
+from hdm_core.checkpoint import fingerprint
+from hdm_core.layout import LORA_TE_PREFIX, LORA_UNET_PREFIX
 
 METHODS = ("full", "lora", "loha", "lokr")
 UNET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -80,6 +84,12 @@ class FinetuneSection:
     def adapter(self) -> bool:
         return self.method != "full"
 
+    def adapter_settings_set(self) -> list[str]:
+        """The adapter settings that differ from their defaults (they mean nothing with method = "full")."""
+        default = FinetuneSection()
+        return [f"finetune.{f.name}" for f in dataclasses.fields(self)
+                if f.name != "method" and getattr(self, f.name) != getattr(default, f.name)]
+
     @property
     def adapts_text_encoder(self) -> bool:
         return self.adapter and "text_encoder" in self.modules
@@ -88,6 +98,19 @@ class FinetuneSection:
         """What the export's metadata records (ComfyUI shows `ss_*` keys; `hdm.adapter` is ours)."""
         keep = ("method", "dim", "alpha", "factor", "full_matrix", "train_norm", "modules")
         return {k: getattr(self, k) for k in keep}
+
+
+def check_rank(ft: FinetuneSection, roots: list[nn.Module]) -> None:
+    """A LoRA / LoHa rank above the smaller side of every layer it could adapt is refused before anything is
+    allocated: such factors are larger than the weights they change (finetune.dim 100000 asked for 165 GB)."""
+    if ft.method not in ("lora", "loha"):
+        return  # LyCORIS falls back to a full matrix for a LoKr rank that large
+    widest = max((min(m.weight.shape[0], m.weight[0].numel()) for root in roots for m in root.modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d))), default=0)
+    if ft.dim > widest:
+        raise ValueError(f"finetune.dim {ft.dim} is more than the smaller side of every layer it would adapt (at "
+                         f"most {widest}): a {ft.method} of that rank is larger than the weights it changes; use a "
+                         f"rank such as 8 to 128")
 
 
 def _build_network(root: nn.Module, patterns: tuple[str, ...], ft: FinetuneSection) -> Any:
@@ -126,9 +149,29 @@ class Adapters(nn.Module):
         patterns += UNET_NORMS if ft.train_norm else ()
         self.paths: dict[str, str] = {}  # LyCORIS module name → ComfyUI key prefix
         self.unet = _build_network(model, patterns, ft) if patterns else None
-        self._name(self.unet, model, UNET_PREFIX)
+        self._name(self.unet, model, LORA_UNET_PREFIX)
         self.te = _build_network(text_encoder, TEXT_ENCODER_MODULES, ft) if ft.adapts_text_encoder else None
-        self._name(self.te, text_encoder, TEXT_ENCODER_PREFIX)
+        self._name(self.te, text_encoder, LORA_TE_PREFIX)
+        self.factors_used = self._factors_used(ft)
+
+    def _factors_used(self, ft: FinetuneSection) -> dict[str, list[int]]:
+        """{ComfyUI key prefix: [rows, cols] of the small Kronecker factor} of the LoKr modules where LyCORIS could
+        not use finetune.factor (a size it does not divide) and chose another; empty otherwise."""
+        if ft.method != "lokr" or ft.factor < 1:
+            return {}
+        out = {}
+        for net in (self.unet, self.te):
+            for lo in net.loras if net is not None else ():
+                sd = lo.state_dict()
+                if "lokr_w1" in sd:
+                    shape = list(sd["lokr_w1"].shape)
+                elif "lokr_w1_a" in sd:
+                    shape = [sd["lokr_w1_a"].shape[0], sd["lokr_w1_b"].shape[1]]
+                else:
+                    continue  # a norm adapter
+                if shape != [ft.factor, ft.factor]:
+                    out[self.paths[lo.lora_name]] = shape
+        return out
 
     def _name(self, net: Any, root: nn.Module | None, prefix: str) -> None:
         if net is None:
@@ -164,22 +207,58 @@ def attach(ft: FinetuneSection, model: nn.Module, text_encoder: Any) -> Adapters
     te_model = text_encoder.model if ft.adapts_text_encoder else None
     if te_model is not None:
         te_model.requires_grad_(False)
+    check_rank(ft, [model] + ([te_model] if te_model is not None else []))
     adapters = Adapters(ft, model, te_model)
     return adapters.to(next(model.parameters()).device)
 
 
-def export_metadata(ft: FinetuneSection, base: str, step: int, recipe: dict) -> dict[str, str]:
-    """Safetensors metadata of an exported adapter: our settings, the base file, and the kohya-style `ss_*` keys
-    that ComfyUI and LoRA managers display."""
+def export_metadata(ft: FinetuneSection, adapters: Adapters, base: BaseIdentity, step: int,
+                    recipe: dict) -> dict[str, str]:
+    """Safetensors metadata of an exported adapter: our settings (with the LoKr factors LyCORIS changed), the base
+    file and its fingerprint (`hdm_core.adapters` warns when the adapter is applied to another), and the
+    kohya-style `ss_*` keys that ComfyUI and LoRA managers display."""
     args = {"algo": ft.method, "factor": ft.factor, "full_matrix": ft.full_matrix, "train_norm": ft.train_norm}
-    return {"hdm.adapter": json.dumps(ft.settings()), "hdm.base": base, "hdm.train_step": str(step),
-            "hdm.recipe": json.dumps(recipe), "ss_network_module": "lycoris.kohya", "ss_network_dim": str(ft.dim),
-            "ss_network_alpha": str(ft.alpha), "ss_network_args": json.dumps(args), "ss_base_model_version": "hdm"}
+    settings = ft.settings() | ({"factors_used": adapters.factors_used} if adapters.factors_used else {})
+    return {"hdm.adapter": json.dumps(settings), BASE_FILE_KEY: base.name, BASE_FINGERPRINT_KEY: base.fingerprint,
+            "hdm.train_step": str(step), "hdm.recipe": json.dumps(recipe), "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": str(ft.dim), "ss_network_alpha": str(ft.alpha), "ss_network_args": json.dumps(args),
+            "ss_base_model_version": "hdm", "ss_sd_model_name": base.name}
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """The base model of a run: its file (model.init_from) and `hdm_core.checkpoint.fingerprint`; what a checkpoint
+    and an adapter export record, and what a resumed adapter run must find again."""
+
+    path: str
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @classmethod
+    def of(cls, path: str | Path) -> BaseIdentity:
+        return cls(str(path), fingerprint(path))
+
+    def check_resume(self, recorded: dict | None, checkpoint: str | Path) -> None:
+        """ValueError when a checkpoint recorded another base than this one (an older checkpoint records none)."""
+        if recorded and recorded.get("fingerprint") not in (None, self.fingerprint):
+            raise ValueError(
+                f"cannot resume {checkpoint}: its adapter was trained on {recorded.get('path')} "
+                f"({recorded['fingerprint']}), but model.init_from {self.path} is now another file "
+                f"({self.fingerprint}); an adapter trained on two bases fits neither. Put the original base back at "
+                f"{self.path}, or start a new run (another name or run.out_dir) on this one")
 
 
 def check_recipe(ft: FinetuneSection, init_from: str, ema_decay: float, compile_: bool, cache: str) -> None:
-    """An adapter run needs base weights and no EMA; a text-encoder adapter needs the text encoder online."""
+    """An adapter run needs base weights and no EMA; a text-encoder adapter needs the text encoder online; a full run
+    sets no adapter settings (they would be ignored)."""
     if not ft.adapter:
+        ignored = ft.adapter_settings_set()
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set, but finetune.method is 'full' (every weight is trained, no "
+                             f"adapter): set finetune.method to lora, loha or lokr, or remove {ignored[0]}")
         return
     if not init_from:
         raise ValueError(f"finetune.method={ft.method!r} trains an adapter on frozen weights: set model.init_from "

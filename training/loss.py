@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,13 @@ from hdm_core.tread import random_keep_index
 from .data import Batch
 from .recipe import ModelSection
 
+if TYPE_CHECKING:
+    from hdm_core.text_encoder import TextEncoder
 
-def encode_batch(batch: Batch, text_encoder: Any, vae: Any, max_length: int, gen: torch.Generator,
+    from .encoders import Vae
+
+
+def encode_batch(batch: Batch, text_encoder: TextEncoder, vae: Vae, max_length: int, gen: torch.Generator,
                  text_autocast: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, ctx): normalised latents (a posterior sample) and text embeddings, from the cache when it has them.
     With `text_autocast` (a text-encoder adapter is trained) the text is encoded with autograd, under it."""
@@ -33,7 +38,7 @@ def encode_batch(batch: Batch, text_encoder: Any, vae: Any, max_length: int, gen
         return x0, text_encoder.padded_hidden(batch.captions, max_length=max_length).float()
 
 
-def training_loss(model: torch.nn.Module, batch: Batch, text_encoder: Any, vae: Any, m: ModelSection,
+def training_loss(model: torch.nn.Module, batch: Batch, text_encoder: TextEncoder, vae: Vae, m: ModelSection,
                   gen: torch.Generator, autocast: Any, patch_size: int, train_text: bool = False) -> torch.Tensor:
     """Flow matching: t ~ logit-normal(0, 1), x_t = t·ε + (1 − t)·x0, MSE of v against ε − x0 (batch on device);
     with `batch.loss_weight`, each sample's MSE is multiplied by its weight (`weighted_mse`). `train_text`: the

@@ -4,15 +4,21 @@ its EMA, and, for adapter runs, the frozen XUT with LyCORIS adapters (training/f
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from hdm_core.config import PRESETS, XUTConfig, latent_size
+from hdm_core.layout import check_config
 from hdm_core.xut import XUT
 
 from .finetune import AdaptedXUT, Adapters, attach
 from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from hdm_core.text_encoder import TextEncoder
+
+    from .encoders import Vae
 
 
 def model_config(recipe: Recipe, init_config: XUTConfig | None) -> XUTConfig:
@@ -28,10 +34,13 @@ def model_config(recipe: Recipe, init_config: XUTConfig | None) -> XUTConfig:
         raise ValueError("model.preset is empty and there is no model.init_from to take the config from")
     over = dict(m.config)
     over["tread_config"] = {**base["tread_config"], **over.get("tread_config", {}), "dropout_ratio": m.tread_rate}
-    return XUTConfig.from_dict({**base, **over})
+    try:
+        return check_config(XUTConfig.from_dict({**base, **over}))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.config {m.config}: {err}") from err
 
 
-def check_fit(recipe: Recipe, cfg: XUTConfig, text_encoder: Any, vae: Any) -> None:
+def check_fit(recipe: Recipe, cfg: XUTConfig, text_encoder: TextEncoder, vae: Vae) -> None:
     """The encoders fit the model, and the data's pixel sizes are whole patches of latents."""
     if text_encoder.hidden_size != cfg.ctx_dim or vae.latent_channels != cfg.input_dim:
         raise ValueError(f"encoders do not fit the model: text hidden {text_encoder.hidden_size} vs ctx_dim "
@@ -63,8 +72,7 @@ def build_model(recipe: Recipe, cfg: XUTConfig, init_sd: dict | None,
     return model, ema
 
 
-
-def build_trainee(recipe: Recipe, model: XUT, text_encoder: Any) -> tuple[Adapters | None, torch.nn.Module]:
+def build_trainee(recipe: Recipe, model: XUT, text_encoder: TextEncoder) -> tuple[Adapters | None, torch.nn.Module]:
     """(adapters, the module the loss calls): (None, model) for full training; for an adapter run the XUT (and
     text encoder) are frozen and the adapters patched in, seeded so every rank starts from the same ones."""
     if not recipe.finetune.adapter:

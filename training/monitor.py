@@ -8,7 +8,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,11 @@ from hdm_core.sampling import flow_sigmas, sample_euler
 from hdm_core.weights import atomic_write
 
 from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from hdm_core.text_encoder import TextEncoder
+
+    from .encoders import Vae
 
 CSV_FIELDS = ["step", "epoch", "loss", "val_loss", "lr", "grad_norm", "samples_per_s", "image_tokens_per_s",
               "skipped", "elapsed_s"]
@@ -79,6 +84,9 @@ class Monitor:
             self.bar.set_postfix_str(text)
         else:
             print(f"step {row['step']}: {text}", flush=True)
+        if row["val_loss"] != "":  # a line of its own: the bar's postfix is gone by the next step
+            self.message(f"step {row['step']}: validation loss {row['val_loss']:.4f} (training loss "
+                         f"{row['loss']:.4f})")
 
     def image(self, tag: str, image: Image.Image, step: int, prompts: list[str]) -> None:
         """A sample grid in TensorBoard (an image, and its prompts as text); nothing without TensorBoard."""
@@ -153,9 +161,12 @@ class Meter:
 
 
 def plot_loss_curve(csv_path: Path, out: Path) -> None:
-    """loss against step as a PNG, written atomically (skipped, with a note, when matplotlib is not installed)."""
+    """Training (and, when logged, validation) loss against step as a PNG, written atomically (skipped, with a note,
+    when matplotlib is not installed)."""
     with Path(csv_path).open() as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
+        logged = list(csv.DictReader(f))
+    rows = [(int(r["step"]), float(r["loss"])) for r in logged if r["loss"]]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in logged if r.get("val_loss")]
     if not rows:
         return
     try:
@@ -167,7 +178,10 @@ def plot_loss_curve(csv_path: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(*zip(*rows))
+    ax.plot(*zip(*rows), label="training")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+        ax.legend()
     ax.set(xlabel="step", ylabel="loss", title=Path(csv_path).parent.name)
     ax.grid(alpha=0.3)
     try:
@@ -177,7 +191,8 @@ def plot_loss_curve(csv_path: Path, out: Path) -> None:
 
 
 @torch.no_grad()
-def sample_grid(model: torch.nn.Module, text_encoder: Any, vae: Any, recipe: Recipe, autocast: Any) -> Image.Image:
+def sample_grid(model: torch.nn.Module, text_encoder: TextEncoder, vae: Vae, recipe: Recipe,
+                autocast: Any) -> Image.Image:
     """Euler + CFG samples of run.sample_prompts (prompt i with seed run.sample_seed + i) at the training
     resolution, as one grid image."""
     rn, prompts = recipe.run, list(recipe.run.sample_prompts)

@@ -37,9 +37,9 @@ HDM_CAPTIONS = CaptionRules(tag_dropout=0.25, group_dropout=0.3, shuffle=True)
 class ModelSection:
     preset: str = "xut-base"             # a name in hdm_core.config.PRESETS
     config: dict = field(default_factory=dict)  # XUTConfig fields that override the preset
-    init_from: str = ""                  # "" = from scratch; else a .safetensors export or a training .pt
-    text_encoder: str = ""               # checkpoint / Qwen3 safetensors path, or "random:<spec>"
-    vae: str = ""                        # checkpoint / VAE safetensors path, or "pixel"
+    init_from: str = ""                  # "" = from scratch; else the base: a .safetensors export or a training .pt
+    text_encoder: str = ""               # checkpoint / Qwen3 safetensors path, or "random:<spec>"; "" = init_from's
+    vae: str = ""                        # checkpoint / VAE safetensors path, or "pixel"; "" = init_from's
     max_length: int = 256                # text tokens per caption (right-padded, as the official trainer)
     tread_rate: float = 0.5              # fraction of image tokens routed around the backbone; 0 = off
     gradient_checkpointing: bool = True
@@ -219,7 +219,25 @@ def _sub_tables(section: Any) -> dict[str, set[str]]:
             for f in dataclasses.fields(section) if dataclasses.is_dataclass(getattr(section, f.name))}
 
 
-def _build(defaults: Any, values: dict, table: str, where: str) -> Any:
+@dataclass(frozen=True)
+class Origin:
+    """Where a recipe's values come from: the file, except the dotted keys set on the command line (an override of
+    a table, e.g. `data.captions={…}`, covers every key in it)."""
+
+    file: str = "recipe"
+    overridden: frozenset[str] = frozenset()
+
+    def of(self, key: str) -> str:
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in self.overridden for i in range(1, len(parts) + 1)):
+            return "the command-line overrides"
+        return self.file
+
+    def of_all(self, keys: Iterable[str]) -> str:
+        return " and ".join(sorted({self.of(k) for k in keys}))
+
+
+def _build(defaults: Any, values: dict, table: str, origin: Origin) -> Any:
     """`defaults` with `values` replaced, each checked against the type of its default; a dataclass default
     is a sub-table (e.g. [data.captions]) built the same way. The section's own range checks then run."""
     fields = sorted(f.name for f in dataclasses.fields(defaults))
@@ -227,14 +245,15 @@ def _build(defaults: Any, values: dict, table: str, where: str) -> Any:
     if unknown:
         hint = "".join(f"; {sorted(set(unknown) & keys)} belong in [{table}.{name}]"
                        for name, keys in _sub_tables(defaults).items() if set(unknown) & keys)
-        raise ValueError(f"unknown key(s) {unknown} in [{table}] of {where}; allowed keys are {fields}{hint}")
+        raise ValueError(f"unknown key(s) {unknown} in [{table}] of {origin.of_all(f'{table}.{k}' for k in unknown)}; "
+                         f"allowed keys are {fields}{hint}")
     out = {}
     for key, value in values.items():
-        default = getattr(defaults, key)
+        default, where = getattr(defaults, key), origin.of(f"{table}.{key}")
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ValueError(f"[{table}.{key}] in {where} must be a table, got {value!r}")
-            value = _build(default, value, f"{table}.{key}", where)
+            value = _build(default, value, f"{table}.{key}", origin)
         elif isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"{table}.{key} in {where} must be true or false, got {value!r}")
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -256,20 +275,22 @@ def _check_finite(value: Any, key: str, where: str) -> None:
         _check_finite(item, f"{key}.{name}", where)
 
 
-def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a nested dict (as tomllib returns it)."""
+def recipe_from_dict(d: dict, where: str | Origin = "recipe") -> Recipe:
+    """Build and validate a Recipe from a nested dict (as tomllib returns it); errors name where each value came
+    from (`where`: the file's name, or an `Origin` that also knows the command-line keys)."""
+    origin = where if isinstance(where, Origin) else Origin(where)
     d = dict(d)
     top = {k: d.pop(k) for k in ("name", "notes") if k in d}
     unknown = sorted(k for k in d if k not in _SECTION_CLASSES)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed are name, notes and the tables "
-                         f"{sorted(_SECTION_CLASSES)}")
+        raise ValueError(f"unknown key(s) {unknown} in {origin.of_all(unknown)}; allowed are name, notes and the "
+                         f"tables {sorted(_SECTION_CLASSES)}")
     sections = {}
     for name, cls in _SECTION_CLASSES.items():
         value = d.get(name, {})
         if not isinstance(value, dict):
-            raise ValueError(f"[{name}] in {where} must be a table, got {value!r}")
-        sections[name] = _build(cls(), value, name, where)
+            raise ValueError(f"[{name}] in {origin.of(name)} must be a table, got {value!r}")
+        sections[name] = _build(cls(), value, name, origin)
     return Recipe(**top, **sections)
 
 
@@ -313,7 +334,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
             d = tomllib.load(f)
         except tomllib.TOMLDecodeError as err:  # its message has the line and column, not the file
             raise ValueError(f"recipe {path} is not valid TOML: {err}") from err
-    return recipe_from_dict(apply_overrides(d, overrides), where=str(path))
+    overrides = list(overrides)
+    keys = frozenset(".".join(parse_override(text)[0]) for text in overrides)
+    return recipe_from_dict(apply_overrides(d, overrides), where=Origin(str(path), keys))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Process-level plumbing for the trainer: process group, CPU threads, seed mixing, stop signals, gathers."""
+"""Process-level plumbing for the trainer: process group, CPU threads (`hdm_core.cli.set_cpu_threads`), seed mixing,
+stop signals, gathers."""
 
 from __future__ import annotations
 
@@ -10,22 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-CPU_THREADS = 1  # intra-op threads of a CPU process when OMP_NUM_THREADS is not set
-
-
-def set_cpu_threads() -> int:
-    """Fix this process's intra-op threads: OMP_NUM_THREADS when set (the override), else CPU_THREADS → the count.
-
-    A fixed number, never derived from the cores or the load: float sums split across another thread count
-    round differently, so a run's result would change with the machine's load. One thread is also the safe
-    choice where cores are shared: on a busy 2-core machine PyTorch's default (one thread per core) ran the demo's
-    training steps 13 times slower than one thread, while on an idle one it was only 1.4 times faster
-    (demo/README.md has the measurements). torchrun sets OMP_NUM_THREADS=1 for every process it starts.
-    """
-    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
-    threads = int(raw) if raw.isdigit() and int(raw) > 0 else CPU_THREADS
-    torch.set_num_threads(threads)
-    return threads
+from hdm_core.cli import set_cpu_threads  # the CLI's rule: one thread unless OMP_NUM_THREADS says otherwise
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -60,10 +46,11 @@ def mix_seed(*parts: int) -> int:
 
 
 class StopRequest:
-    """Set by SIGTERM (and SIGINT); checked after every optimizer step and agreed on by all ranks."""
+    """Set by SIGTERM (and SIGINT); checked after every optimizer step and agreed on by all ranks. `signum` is the
+    signal that asked (the process exits 128 + signum once the checkpoint is saved)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested, self.signum = False, 0
         self.previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
@@ -72,14 +59,16 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once, without the checkpoint
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
 
     def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (one all-reduce); a rank that was not takes the asking signal."""
         if world == 1:
             return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
+        flag = torch.tensor([float(self.signum)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.signum = int(flag.item())
+        return self.signum > 0
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -8,7 +8,7 @@ from typing import Any
 
 from .cache import CachedSamples
 from .data import BatchPlan, FolderSource, SampleSpec, load_image, make_buckets
-from .datasets import open_datasets
+from .datasets import caption_report, open_datasets
 from .recipe import Recipe
 from .shards import open_shards
 
@@ -27,7 +27,9 @@ def build_data(recipe: Recipe, factor: int, rank: int, world: int, state: dict |
         return open_shards(d, spec, plan, state)
     load_sample = CachedSamples(Path(d.cache), Path(d.path)) if d.cache else load_image
     mix = open_datasets(d, spec, recipe.train.seed, load_sample)
-    if rank == 0 and mix.summary:
-        print("\n".join(mix.summary))
-    source = FolderSource(mix, plan, d.workers, state, mix.items)
+    if rank == 0:
+        lines = [*mix.summary, "" if d.cache else caption_report(mix.files, recipe.model.max_length)]
+        if any(lines):
+            print("\n".join(line for line in lines if line))
+    source = FolderSource(mix, plan, d.workers, state, mix.counts)
     return source, source.batches_per_epoch

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,11 @@ from .datasets import dataset_entries, entry_key, split_files
 from .loss import training_loss
 from .recipe import ModelSection, Recipe
 from .runtime import mix_seed
+
+if TYPE_CHECKING:
+    from hdm_core.text_encoder import TextEncoder
+
+    from .encoders import Vae
 
 log = logging.getLogger("training.validation")
 
@@ -84,7 +89,7 @@ def open_validation(recipe: Recipe, factor: int, rank: int, world: int) -> list[
 
 
 @torch.no_grad()
-def validation_loss(forward: torch.nn.Module, batches: list[Batch], text_encoder: Any, vae: Any,
+def validation_loss(forward: torch.nn.Module, batches: list[Batch], text_encoder: TextEncoder, vae: Vae,
                     model_section: ModelSection, autocast: Any, patch_size: int, seed: int, device: torch.device,
                     world: int) -> float:
     """Mean flow-matching loss per sample over every rank's validation batches (one all_reduce when world > 1).
