@@ -4,6 +4,6 @@ root is a package) it defines nothing and imports nothing: it only looks at modu
 import sys
 
 if "comfy.model_management" in sys.modules and "folder_paths" in sys.modules:  # running inside ComfyUI
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes import comfy_entrypoint
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

@@ -1,36 +1,24 @@
-"""HDM node pack (classic V1 node API). Node ids are permanent: HDMLoader, HDMCameraParam and HDMTreadGamma keep
-the ids, inputs and widget order of the official HDM-ext pack, so workflows shared for it run unchanged.
+"""HDM node pack, in ComfyUI's node schema (one ComfyExtension; `comfy_entrypoint` is what ComfyUI calls).
 
-Two kinds of file:
-* node files (loaders, conditioning, latent, sampling): the node classes; they import without ComfyUI (tests use
-  them so), importing ComfyUI and the glue inside the methods that run in ComfyUI;
+Node ids are permanent: HDMLoader, HDMCameraParam and HDMTreadGamma keep the ids, inputs and widget order of the
+official HDM-ext pack, so workflows shared for it run unchanged; the others keep those of this pack's first release.
+
+Three kinds of file:
+* node logic (conditioning, latent, sampling): what the nodes do, as plain functions; they import without
+  ComfyUI (the unit tests use them so), importing ComfyUI inside the functions that need it;
+* node shells (*_nodes.py, schema.py, extension.py): the schemas (inputs, tooltips, descriptions) and `execute`
+  calls into the logic; they import comfy_api at the top and are imported only by `comfy_entrypoint`;
 * glue (model: latent formats and model classes, text_encoder: the Qwen3 CLIP classes, loading: files to
-  MODEL / CLIP / VAE): imports ComfyUI at the top, never imported by a node file at module level.
+  MODEL / CLIP / VAE, positions: each model call's place on the canvas): imports ComfyUI at the top, never
+  imported by a node-logic file at module level.
 """
 
-from .conditioning import HDMCameraParam, HDMCameraSweep, HDMTextEncode, HDMTreadGamma
-from .latent import HDMEmptyLatent
-from .loaders import HDMLoader, HDMSplitLoader
-from .sampling import HDMSampler
+NODE_IDS = ("HDMLoader", "HDMSplitLoader", "HDMTextEncode", "HDMCameraParam", "HDMTreadGamma", "HDMSampler",
+            "HDMCameraSweep", "HDMEmptyLatent", "HDMTiledDiffusion", "HDMAreaPositions")
 
-NODE_CLASS_MAPPINGS = {
-    "HDMLoader": HDMLoader,
-    "HDMSplitLoader": HDMSplitLoader,
-    "HDMTextEncode": HDMTextEncode,
-    "HDMCameraParam": HDMCameraParam,
-    "HDMTreadGamma": HDMTreadGamma,
-    "HDMSampler": HDMSampler,
-    "HDMCameraSweep": HDMCameraSweep,
-    "HDMEmptyLatent": HDMEmptyLatent,
-}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "HDMLoader": "HDM Checkpoint Loader",
-    "HDMSplitLoader": "HDM Split Loader (model / Qwen3 / VAE)",
-    "HDMTextEncode": "HDM Text Encode",
-    "HDMCameraParam": "HDM Camera",
-    "HDMTreadGamma": "HDM Tread Gamma",
-    "HDMSampler": "HDM Sampler",
-    "HDMCameraSweep": "HDM Camera Sweep",
-    "HDMEmptyLatent": "HDM Empty Latent (resolution)",
-}
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack's ComfyExtension (its node shells are imported here, inside ComfyUI)."""
+    from .extension import HDMExtension
+
+    return HDMExtension()

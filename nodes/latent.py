@@ -1,6 +1,9 @@
-"""Empty latent with HDM-friendly sizes (about one megapixel, sides multiples of 64) or any multiple of 16."""
+"""What HDM Empty Latent does (no ComfyUI: unit-tested as it is): a zero latent at an HDM-friendly size (about one
+megapixel, sides multiples of 32) or any multiple of 16. The node shell is in sampling_nodes.py."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -21,38 +24,25 @@ RESOLUTIONS = {
     "1536x640 (21:9)": (1536, 640),
     "640x1536 (9:21)": (640, 1536),
 }
+DEFAULT_RESOLUTION = "1024x1024 (1:1)"
 CUSTOM = "custom (width x height below)"
 PATCH_SIZE = 2  # of every released XUT; a pixel side must be a multiple of VAE factor × patch size
+MAX_BATCH = 4096
 
 
-class HDMEmptyLatent:
-    DESCRIPTION = ("Empty latent for HDM: pick an about-one-megapixel size for a common aspect ratio, or 'custom' "
-                   "with width and height multiples of 16. Connect the VAE for pixel-space HDM models.")
-    CATEGORY = "HDM/latent"
-    RETURN_TYPES = ("LATENT", "INT", "INT")
-    RETURN_NAMES = ("latent", "width", "height")
-    OUTPUT_TOOLTIPS = ("Zero latent of the chosen size.", "Pixel width.", "Pixel height.")
-    FUNCTION = "generate"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "resolution": ([*RESOLUTIONS, CUSTOM], {"default": "1024x1024 (1:1)"}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
-                                  "tooltip": "Used when resolution is custom."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
-                                   "tooltip": "Used when resolution is custom."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
-            },
-            "optional": {"vae": ("VAE", {"tooltip": "Only needed for pixel-space models (3 channels, no downscale)."})},
-        }
-
-    def generate(self, resolution, width, height, batch_size, vae=None):
-        if resolution != CUSTOM:
-            width, height = RESOLUTIONS[resolution]
-        channels, downscale = 4, 8
-        if vae is not None:
-            channels, downscale = vae.latent_channels, vae.spacial_compression_encode()
-        lat_h, lat_w = latent_size(width, height, downscale=downscale, patch=PATCH_SIZE)
-        return {"samples": torch.zeros(batch_size, channels, lat_h, lat_w)}, width, height
+def empty_latent(resolution: str, width: int, height: int, batch_size: int, vae: Any = None
+                 ) -> tuple[dict, int, int]:
+    """(LATENT, pixel width, pixel height): zeros of the preset's size, or width × height for CUSTOM; the latent's
+    channels and scale are the EQ-VAE's (4, 1/8) unless a VAE says otherwise (pixel space: 3, 1)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH}, got {batch_size!r}: it is the "
+                         f"number of images to make")
+    if resolution != CUSTOM:
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"unknown resolution {resolution!r}; pick one of the list or {CUSTOM!r}")
+        width, height = RESOLUTIONS[resolution]
+    channels, downscale = 4, 8
+    if vae is not None:
+        channels, downscale = vae.latent_channels, vae.spacial_compression_encode()
+    lat_h, lat_w = latent_size(width, height, downscale=downscale, patch=PATCH_SIZE)
+    return {"samples": torch.zeros(batch_size, channels, lat_h, lat_w)}, width, height

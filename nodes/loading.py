@@ -19,8 +19,10 @@ import torch
 
 from ..hdm_core.config import XUTConfig
 from ..hdm_core.layout import (
+    COMFY_CLIP_PREFIX,
     RELEASED_FILE,
     TE_PREFIX,
+    VAE_MEAN_KEY,
     VAE_PREFIX,
     CheckpointError,
     is_pixel_space,
@@ -32,7 +34,7 @@ from ..hdm_core.layout import (
 )
 from ..hdm_core.weights import DTYPES, check_finite, check_weights
 from .model import HDMEQVAE, HDMModelConfig, HDMPixelSpace
-from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
+from .text_encoder import text_encoder_class, tokenizer_class
 
 # ComfyUI's fp8 weight dtypes, as its UNETLoader spells them: (storage dtype, fp8 matmuls where the device has them).
 # Where it cannot compute in fp8 (CPU, GPUs before Ada), ComfyUI's manual cast runs each layer in fp16/bf16/fp32.
@@ -126,7 +128,7 @@ def build_model(xut_sd: Mapping[str, torch.Tensor], config: XUTConfig, latent_fo
 
 def build_clip(te_sd: Mapping[str, torch.Tensor], config: dict, model_options: dict | None = None) -> Any:
     check_finite(te_sd, what="Qwen3 text-encoder weights")
-    clip_sd = {CLIP_PREFIX + k: v for k, v in te_sd.items()}
+    clip_sd = {COMFY_CLIP_PREFIX + k: v for k, v in te_sd.items()}
     target = comfy.supported_models_base.ClipTarget(tokenizer_class(config), text_encoder_class(config))
     return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
                          parameters=comfy.utils.calculate_parameters(clip_sd), state_dict=clip_sd,
@@ -175,7 +177,7 @@ def load_split(unet_name: str, clip_name: str, vae_name: str, weight_dtype: str 
     vae_file, vae_metadata = read_file("vae", vae_name)
     pixel = is_pixel_space(vae_file)
     vae_sd = None if pixel else read_part(vae_part, vae_name, vae_file)
-    mean, std = vae_stats(vae_file if "vae_mean" in vae_file else sd)
+    mean, std = vae_stats(vae_file if VAE_MEAN_KEY in vae_file else sd)
     model = build_model(xut_sd, config, latent_format(config, pixel, mean, std),
                         options=model_options(weight_dtype), te_config=te_config)
     return model, build_clip(te_sd, te_config), build_vae(vae_sd, vae_metadata)

@@ -1,7 +1,7 @@
-"""HDM Sampler: the official uniform flow schedule and HDM's samplers, run through ComfyUI's sampling machinery
-(progress bar, live previews, interruption, memory management).
+"""What HDM Sampler does: the official uniform flow schedule and HDM's samplers, run through ComfyUI's sampling
+machinery (progress bar, live previews, interruption, memory management). The node shell is in sampling_nodes.py.
 
-Like every node file, this one imports without ComfyUI: ComfyUI modules and the glue that needs them are
+Like every node-logic file, this one imports without ComfyUI: ComfyUI modules and the glue that needs them are
 imported inside the functions that run in ComfyUI.
 """
 
@@ -59,37 +59,3 @@ def hdm_sample(model, positive, negative, latent: dict, seed: int, steps: int, c
         noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
         seed=seed)
     return out
-
-
-class HDMSampler:
-    DESCRIPTION = ("Sample an HDM model the official way: uniform flow schedule from t = 1 (optionally shifted), "
-                   "CFG, every sample seeded with seed + its batch index. Euler reproduces the official pipeline; "
-                   "denoise < 1 runs img2img on the input latent.")
-    CATEGORY = "HDM/sampling"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
-    FUNCTION = "sample"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An HDM model."}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent (text-to-image) or an encoded image (img2img)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Sample i of the batch uses seed + i."}),
-            "steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Sampling steps (official: 32)."}),
-            "cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale (official: 3.0); 1 = no guidance."}),
-            "sampler_name": (list(SAMPLERS), {"default": "euler",
-                                               "tooltip": "euler reproduces the official pipeline."}),
-            "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.05,
-                                "tooltip": "Schedule shift σ = s·t / (1 + (s − 1)·t); 1 = the official schedule."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "1 = text-to-image; lower keeps more of the input latent."}),
-        }}
-
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, shift, denoise):
-        return (hdm_sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, shift,
-                           denoise),)

@@ -12,10 +12,9 @@ from comfy import sd1_clip
 from comfy.text_encoders import llama
 from transformers import Qwen2Tokenizer
 
+from ..hdm_core.layout import COMFY_TE_NAME as TE_NAME
 from ..hdm_core.text_encoder import PAD_TOKEN_ID, TOKENIZER_DIR
 
-TE_NAME = "qwen3_06b"  # CLIP state-dict prefix: qwen3_06b.transformer.model.<Qwen3Model keys>
-CLIP_PREFIX = f"{TE_NAME}.transformer.model."
 NO_TOKEN_LIMIT = 99_999_999  # SDTokenizer wants a max_length; HDM never truncates a prompt
 # Qwen3Config fields that ComfyUI's Llama config dataclass shares (head_dim is set apart, see HDMQwen3).
 _LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -7,9 +7,10 @@ process itself only needs torch, transformers, diffusers and safetensors (for hd
 is compared with).
 
 What it sets up, once per test run (`session`): a tiny checkpoint in the released single-file layout (tiny XUT,
-tiny Qwen3, a random full-size SDXL-shaped VAE, fp16 like the released file) plus split files in a temporary
-models folder; an isolated base directory with the pack symlinked into custom_nodes next to a test-only probe
-pack (`PROBE_PACK`); one `main.py --cpu` server on loopback for every test module.
+tiny Qwen3, a random full-size SDXL-shaped VAE, fp16 like the released file) plus split files and the shipped demo
+model in a temporary models folder; an isolated base directory with the pack symlinked into custom_nodes next to a
+test-only probe pack (`PROBE_PACK`) and the LoRA-training example's pictures in input/; one `main.py --cpu` server
+on loopback for every test module.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +34,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+FIRST_RELEASE = REPO / "tests" / "data" / "first_release"  # workflows and /object_info of the classic-API pack
 CKPT = "hdm-xut-340M-1024px-note.safetensors"
+DEMO_CKPT = "hdm-demo.safetensors"  # the shipped demo model (pixel space, 32 px shapes), in checkpoints/ too
+STYLE_LORA = "hdm_style_lora.safetensors"  # the LoRA example_workflows/hdm_lora.json loads from models/loras
+TRAIN_FOLDER = "hdm_orange"  # example_workflows/hdm_orange: the LoRA-training example's pictures, in input/
 POS, NEG = "a watercolor fox in a snowy forest, soft light", "blurry, lowres"  # different token counts
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -105,7 +111,28 @@ def make_models(root: Path) -> dict[str, Path]:
     vae_file = {k: v.to(f16).contiguous() for k, v in vae_sd.items()}
     vae_file.update(vae_mean=mean.reshape(1, 4, 1, 1).to(f16), vae_std=std.reshape(1, 4, 1, 1).to(f16))
     save_file(vae_file, str(paths["vae"] / "eq_sdxl_vae_random.safetensors"))
+    shutil.copyfile(REPO / "demo" / "pretrained" / DEMO_CKPT, paths["checkpoints"] / DEMO_CKPT)
+    paths["loras"] = root / "loras"
+    paths["loras"].mkdir()
+    save_style_lora(paths["loras"] / STYLE_LORA, xut)
     return paths
+
+
+def save_style_lora(path: Path, xut) -> None:
+    """A small random LoRA (rank 4, ComfyUI keys) on the text projection and every self-attention qkv of the tiny XUT:
+    what the example workflow hdm_lora.json loads as its style LoRA."""
+    from hdm_core.adapters import save_adapter
+    from hdm_core.layout import LORA_UNET_PREFIX
+
+    g, tensors = torch.Generator().manual_seed(1), {}
+    for name, module in xut.named_modules():
+        if name == "ctx_proj" or name.endswith("attn.qkv"):
+            out_f, in_f = module.weight.shape
+            key = LORA_UNET_PREFIX + name
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
+            tensors[f"{key}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
+            tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    save_adapter(path, {k: v.half() for k, v in tensors.items()})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +153,7 @@ class Server:
             (base / d).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / "comfyui-hdm").symlink_to(REPO, target_is_directory=True)
         yaml = base / "extra_model_paths.yaml"
-        folders = "".join(f"  {k}: {k}\n" for k in ("checkpoints", "diffusion_models", "text_encoders", "vae"))
+        folders = "".join(f"  {k}: {k}\n" for k in ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras"))
         yaml.write_text(f"hdm_test:\n  base_path: {models}\n{folders}")
         self.log = base / "server.log"
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
@@ -231,6 +258,13 @@ def is_widget(spec: list) -> bool:
     return (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not opts.get("forceInput")
 
 
+def has_control_widget(name: str, spec: list) -> bool:
+    """The frontend adds a "control after generate" widget (one more saved value) to such inputs, and to every INT
+    called seed / noise_seed (e.g. TrainLoraNode's)."""
+    opts = spec[1] if len(spec) > 1 else {}
+    return bool(opts.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
@@ -249,7 +283,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             spec = specs[name]
             if is_widget(spec):
                 value = values.pop(0) if values else None
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                if has_control_widget(name, spec):
                     values.pop(0)
                 if value is not None:
                     inputs[name] = value
@@ -260,7 +294,11 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 
 def shrink(prompt: dict, width: int = 192, height: int = 128, steps: int = 3, frames: int = 3) -> dict:
-    """Make a shipped workflow fast on CPU: small image, few steps, few sweep frames."""
+    """Make a shipped workflow fast on CPU: small image, few steps, few sweep frames; area prompts and tiles scaled
+    with the image (tiles to half its size, so a tiled workflow still runs in 2 x 2 tiles)."""
+    sizes = [(n["inputs"]["width"], n["inputs"]["height"]) for n in prompt.values()
+             if n["class_type"] in ("EmptyLatentImage", "HDMEmptyLatent")]
+    fx, fy = (width / sizes[0][0], height / sizes[0][1]) if sizes else (1.0, 1.0)
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind in ("EmptyLatentImage", "HDMEmptyLatent"):
@@ -271,8 +309,12 @@ def shrink(prompt: dict, width: int = 192, height: int = 128, steps: int = 3, fr
             inputs["steps"] = steps
         if kind == "HDMCameraSweep":
             inputs["frames"] = frames
+        if kind == "ConditioningSetArea":  # whole latent cells, at least one
+            scaled = {k: round(inputs[k] * f / 8) * 8 for k, f in (("width", fx), ("x", fx), ("height", fy), ("y", fy))}
+            inputs.update(scaled, width=max(8, scaled["width"]), height=max(8, scaled["height"]))
+        if kind == "HDMTiledDiffusion":
+            inputs.update(tile_width=width // 2 + 32, tile_height=height // 2 + 32, overlap=32)
     return prompt
-
 
 
 def normalise(latent: torch.Tensor, models: dict[str, Path]) -> torch.Tensor:
@@ -342,6 +384,7 @@ def session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         base = tmp_path_factory.mktemp("base")
         (base / "custom_nodes").mkdir()
         (base / "custom_nodes" / "hdm_probe").symlink_to(PROBE_PACK, target_is_directory=True)
+        shutil.copytree(REPO / "example_workflows" / TRAIN_FOLDER, base / "input" / TRAIN_FOLDER)
         srv = Server(comfy, python, base, models["checkpoints"].parent)
         request.config.add_cleanup(srv.stop)
         imports = custom_node_imports(srv.log.read_text())

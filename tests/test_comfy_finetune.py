@@ -92,8 +92,9 @@ def expected_patches(base: Path, name: str) -> tuple[dict[str, str], dict[str, s
     """What ComfyUI should patch for adapter `name`, from the trainer's own list of adapted modules (its LyCORIS
     networks over a fresh base): ({diffusion-model state-dict key: module}, {CLIP state-dict key: module}), one
     `.weight` per adapted module and a `.bias` per norm adapter with a bias (LyCORIS b_norm)."""
-    from hdm_core.adapters import TEXT_ENCODER_PREFIX, UNET_PREFIX
     from hdm_core.checkpoint import load_components
+    from hdm_core.layout import LORA_TE_PREFIX as TEXT_ENCODER_PREFIX
+    from hdm_core.layout import LORA_UNET_PREFIX as UNET_PREFIX
     from training.finetune import attach
     from training.recipe import load_recipe
 

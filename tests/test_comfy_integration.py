@@ -1,5 +1,6 @@
-"""End-to-end tests of the node pack inside a real ComfyUI server (CPU): the example workflows, parity with
-hdm_core, built-in-node compatibility, errors, progress, previews and interruption.
+"""End-to-end tests of the node pack inside a real ComfyUI server (CPU): the schema the server serves (the first
+release's ids, inputs and widgets, tooltips), saved workflows, the example workflows, parity with hdm_core,
+built-in-node compatibility, errors, progress, previews and interruption.
 
 Skipped unless COMFYUI_PATH points to a ComfyUI checkout (0.8.0 or later); the server and the tiny models are
 set up once per run by tests/comfy_harness.py (see there for COMFYUI_PYTHON). Every example workflow is
@@ -22,6 +23,7 @@ import pytest
 import torch
 from comfy_harness import (
     CKPT,
+    FIRST_RELEASE,
     HDM_SAMPLER,
     NEG,
     POS,
@@ -75,12 +77,28 @@ def comfy_simple_sigmas(steps: int) -> torch.Tensor:
     return torch.FloatTensor([float(table[-(1 + int(i * 1000 / steps))]) for i in range(steps)] + [0.0])
 
 
-def pack_node_ids() -> set[str]:
-    """The node ids nodes/__init__.py registers, read from its source (this process does not import ComfyUI)."""
+def pack_node_ids() -> tuple[str, ...]:
+    """The node ids nodes/__init__.py declares, read from its source (this process does not import ComfyUI)."""
     for node in ast.parse((REPO / "nodes" / "__init__.py").read_text()).body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NODE_CLASS_MAPPINGS":
-            return {key.value for key in node.value.keys}
-    raise AssertionError("nodes/__init__.py defines no NODE_CLASS_MAPPINGS")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NODE_IDS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("nodes/__init__.py defines no NODE_IDS")
+
+
+FIRST_OBJECT_INFO = json.loads((FIRST_RELEASE / "object_info.json").read_text())
+SAVED_WORKFLOWS = sorted((FIRST_RELEASE / "workflows").glob("*.json"))
+FILE_LISTS = {"ckpt_name", "unet_name", "clip_name", "vae_name"}  # their options are the server's model files
+
+
+def widget_spec(name: str, spec: list) -> tuple[str, dict]:
+    """An /object_info input as (type, options) with the classic and the schema spellings made alike (a classic
+    combo is [options, {...}], a schema one ["COMBO", {"options": ...}]), tooltips and model-file lists left out."""
+    kind, opts = spec[0], dict(spec[1]) if len(spec) > 1 else {}
+    if isinstance(kind, list):
+        kind, opts["options"] = "COMBO", kind
+    for key in ("tooltip", "multiselect", *(("options",) if name in FILE_LISTS else ())):
+        opts.pop(key, None)
+    return kind, opts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,18 +110,69 @@ def test_pack_imported_and_every_node_registered(server, object_info):
     without torchaudio), this pack (and the test probe pack) must not, and every node it maps is served by it."""
     imports = custom_node_imports(server.log.read_text())
     assert imports.get("comfyui-hdm") is True and imports.get("hdm_probe") is True, imports
-    ids = pack_node_ids()
+    ids = set(pack_node_ids())
     assert ids >= {"HDMLoader", "HDMSplitLoader", "HDMTextEncode", "HDMCameraParam", "HDMTreadGamma", "HDMSampler",
                    "HDMCameraSweep", "HDMEmptyLatent"}
     for node_id in ids:
         assert object_info.get(node_id, {}).get("python_module") == "custom_nodes.comfyui-hdm", node_id
-    dtypes = object_info["HDMSplitLoader"]["input"]["required"]["weight_dtype"][0]
+    dtypes = widget_spec("", object_info["HDMSplitLoader"]["input"]["required"]["weight_dtype"])[1]["options"]
     assert dtypes == ["default", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-    assert CKPT in object_info["HDMLoader"]["input"]["required"]["ckpt_name"][0]
+    assert CKPT in widget_spec("", object_info["HDMLoader"]["input"]["required"]["ckpt_name"])[1]["options"]
     assert object_info["HDMCameraParam"]["input_order"]["required"] == ["positive", "negative", "x_shift", "y_shift",
                                                                         "zoom"]
     assert object_info["HDMTreadGamma"]["input_order"]["required"] == ["positive", "negative", "positive_gamma",
                                                                        "negative_gamma"]
+
+
+@pytest.mark.parametrize("node_id", sorted(FIRST_OBJECT_INFO))
+def test_inputs_and_widgets_are_those_of_the_first_release(object_info, node_id):
+    """The schema-API nodes serve what the classic-API pack served (saved workflows store widget values by
+    position): the same input order, widget types, defaults, ranges, steps, sliders and choices, outputs, names and
+    menu categories."""
+    before, now = FIRST_OBJECT_INFO[node_id], object_info[node_id]
+    assert now["input_order"] == before["input_order"]
+    for section, names in before["input_order"].items():
+        for name in names:
+            now_spec, before_spec = now["input"][section][name], before["input"][section][name]
+            assert widget_spec(name, now_spec) == widget_spec(name, before_spec), (node_id, name)
+    for key in ("output", "output_name", "output_is_list", "display_name", "category", "output_node"):
+        assert now[key] == before[key], (node_id, key)
+
+
+def test_every_input_and_output_has_a_tooltip(object_info):
+    """/object_info lists a tooltip for every input and output of every HDM node, and a description of each node
+    (written for artists: what it does, sensible ranges, official defaults)."""
+    for node_id in pack_node_ids():
+        info = object_info[node_id]
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                tooltip = spec[1].get("tooltip", "") if len(spec) > 1 else ""
+                assert len(tooltip) >= 10, f"{node_id}.{name}: tooltip {tooltip!r}"
+        assert len(info["output_tooltips"]) == len(info["output"]), node_id
+        assert all(tip and len(tip) >= 10 for tip in info["output_tooltips"]), (node_id, info["output_tooltips"])
+        assert len(info["description"]) >= 150 and info["category"].startswith("HDM/"), node_id
+        assert info.get("search_aliases", ["alias"]), node_id  # where a ComfyUI serves them, they are listed
+
+
+@pytest.mark.parametrize("path", SAVED_WORKFLOWS, ids=[p.stem for p in SAVED_WORKFLOWS])
+def test_saved_workflow_gives_the_prompt_it_gave_before(object_info, path):
+    """A workflow saved with the first release (or in the shape of HDM-ext's example) converts, on the migrated
+    pack, to exactly the API prompt the real frontend made from it with the first release installed: the same
+    nodes, links and widget values."""
+    want = json.loads((FIRST_RELEASE / "api" / path.name).read_text())
+    got = ui_to_api(json.loads(path.read_text()), object_info)
+    assert got == want
+
+
+def test_empty_latent_refuses_batch_zero(server):
+    """A batch size from a link skips ComfyUI's widget range check: HDM Empty Latent refuses 0 itself, naming it."""
+    g = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 0}},
+         "2": {"class_type": "HDMEmptyLatent", "inputs": {"resolution": "1024x1024 (1:1)", "width": 1024,
+                                                          "height": 1024, "batch_size": ["1", 0]}},
+         "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "t/batch0"}}}
+    err = execution_error(server.run(g))
+    assert err is not None and err["node_type"] == "HDMEmptyLatent", err
+    assert "batch_size must be a whole number from 1 to 4096, got 0" in err["exception_message"]
 
 
 def test_example_workflows_are_templates(server):
@@ -111,7 +180,10 @@ def test_example_workflows_are_templates(server):
     assert sorted(templates.get("comfyui-hdm", [])) == sorted(p.stem for p in WORKFLOWS)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+RUNNABLE = [*WORKFLOWS, FIRST_RELEASE / "workflows" / "hdm_ext_example.json"]
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=[p.stem for p in RUNNABLE])
 def test_example_workflow_runs(server, object_info, path):
     prompt = shrink(ui_to_api(json.loads(path.read_text()), object_info))
     start = time.time()
@@ -122,6 +194,7 @@ def test_example_workflow_runs(server, object_info, path):
 
 def test_hdm_sampler_matches_pipeline(server, reference, models):
     """HDM Sampler in ComfyUI == hdm_core.generate (fp32, cond/uncond of different lengths, camera moved)."""
+    from hdm_core.canvas import Camera
     from hdm_core.pipeline import GenerationParams, generate
 
     camera = {"x_shift": 0.3, "y_shift": -0.2, "zoom": 1.25}
@@ -131,7 +204,7 @@ def test_hdm_sampler_matches_pipeline(server, reference, models):
                         models)
         want = generate(reference, GenerationParams(prompt=POS, negative_prompt=NEG, width=192, height=128,
                                                     steps=4, cfg=3.0, sampler=sampler, shift=shift, seed=42,
-                                                    **camera), decode=False)
+                                                    camera=Camera(**camera)), decode=False)
         err = (got - want).abs().max().item()
         print(f"HDM Sampler vs hdm_core ({sampler}, shift {shift}): max-abs {err:.2e}")
         assert err <= 1e-4
@@ -168,12 +241,13 @@ def test_sizes_off_the_patch_grid_are_padded_and_cropped(server):
 
 
 def ksampler_reference(reference, steps, sigmas, camera=True):
+    from hdm_core.canvas import canvas_position_map
     from hdm_core.pipeline import make_denoiser, seeded_noise
-    from hdm_core.rope import aspect_info, camera_position_map
+    from hdm_core.rope import aspect_info
     from hdm_core.sampling import sample_euler
 
     cond, uncond = reference.text_encoder.encode([POS, NEG])
-    pos_map = camera_position_map(16, 24) if camera else None
+    pos_map = canvas_position_map(16, 24) if camera else None
     denoise = make_denoiser(reference.model, cond, uncond, 5.0, pos_map=pos_map,
                             aspect=torch.full((1,), aspect_info(16, 24)))
     return sample_euler(denoise, seeded_noise((1, 4, 16, 24), 7), sigmas)

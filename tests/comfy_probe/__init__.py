@@ -1,6 +1,7 @@
 """A test-only ComfyUI node pack, installed next to the HDM pack by tests/comfy_harness.py: nodes that record what
 the HDM model hands to ComfyUI's block-patch and attention machinery, one JSON line per event in the file `log`."""
 import json
+import sys
 
 import torch
 
@@ -99,5 +100,63 @@ class HDMProbePatches:
         return {}
 
 
+class HDMProbeModelCalls(Probe):
+    """A DIFFUSION_MODEL wrapper that records, for every call of the HDM network, the input shape, whether autograd
+    is recording, and the extra conditioning it receives (camera keys, tread_gamma), then runs the call."""
+
+    def patch(self, model, log):
+        import comfy.patcher_extension
+
+        def wrapper(executor, x, timesteps, context, control, transformer_options, **kwargs):
+            camera = {k: kwargs[k].flatten().tolist() for k in ("x_shift", "y_shift", "zoom") if k in kwargs}
+            record(log, x=list(x.shape), grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled(),
+                   keys=sorted(kwargs), camera=camera, tread_gamma=kwargs.get("tread_gamma"),
+                   context=None if context is None else list(context.shape))
+            return executor(x, timesteps, context, control, transformer_options, **kwargs)
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "hdm_probe", wrapper)
+        return (m,)
+
+
+class HDMProbeLossMap:
+    """Records the loss history of TrainLoraNode (its LOSS_MAP output) as one line {"loss": [...]}."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "record"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"loss": ("LOSS_MAP",), "log": ("STRING", {"default": ""})}}
+
+    def record(self, loss, log):
+        record(log, loss=[float(v) for v in loss["loss"]])
+        return {}
+
+
+class HDMProbePositions(Probe):
+    """Records, for every model call, the latent-resolution position map and aspect the HDM model hands XUT (the
+    output of the pack's `call_positions`, wrapped once; recording only for models that went through this node)."""
+
+    def patch(self, model, log):
+        glue = sys.modules[type(model.model.diffusion_model).__module__]
+        if not getattr(glue.call_positions, "probe", False):
+            inner = glue.call_positions
+
+            def recording(x, conds, transformer_options, *args):
+                out = inner(x, conds, transformer_options, *args)
+                if transformer_options.get("hdm_probe_positions"):
+                    record(transformer_options["hdm_probe_positions"], x=list(x.shape), pos=out[0].tolist(),
+                           aspect=out[1].tolist())
+                return out
+            recording.probe = True
+            glue.call_positions = recording
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})["hdm_probe_positions"] = log
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (HDMProbeBlockPatch, HDMProbeAttentionOverride, HDMProbeMaskedAttention,
-                                                HDMProbePatches)}
+                                                HDMProbePatches, HDMProbeModelCalls, HDMProbeLossMap,
+                                                HDMProbePositions)}
