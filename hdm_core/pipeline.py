@@ -1,20 +1,22 @@
 """Text-to-image (and img2img) generation with an HDM model: the official recipe of SPEC §1 plus the
-sampler, schedule-shift, camera, TREAD-autoguidance and img2img options."""
+sampler, schedule-shift, camera, TREAD-autoguidance, img2img and tiled-sampling options (tiles: `TiledModel`,
+hdm_core.canvas)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from .adapters import AdapterSource, adapters_applied
+from .canvas import Camera, Tiling, canvas_position_map, per_tile, tiled_forward
 from .checkpoint import HDMComponents
 from .config import latent_size
 from .flow import denoised_from_velocity, interpolate
-from .rope import aspect_info, camera_position_map
+from .rope import aspect_info
 from .sampling import MAX_STEPS, SAMPLERS, cfg_velocity, flow_sigmas
 
 
@@ -32,12 +34,14 @@ class GenerationParams:
     shift: float = 1.0
     seed: int = 0
     batch_size: int = 1
-    x_shift: float = 0.0
-    y_shift: float = 0.0
-    zoom: float = 1.0
+    camera: Camera = field(default_factory=Camera)
     tread_gamma_cond: float = 0.0
     tread_gamma_uncond: float = 0.0
     strength: float = 1.0  # img2img denoise; 1 = text-to-image
+    tile_size: int = 0     # tiled sampling: square tiles of this many px (0 = off; see hdm_core.canvas)
+    tile_overlap: int = 0  # px shared by neighbouring tiles
+    tile_positions: str = "canvas"  # "canvas": each tile its slice of the canvas's map; "own": a picture of its own
+    tile_batch: int = 1    # tiles per model call (faster; memory grows with it)
     max_prompt_tokens: int | None = None  # cut longer prompts (None: never; HDM was trained on up to 256)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,17 +71,37 @@ class GenerationParams:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         _number(self, "cfg", 0.0, 100.0)
         _number(self, "shift", 0.01, 100.0)
-        _number(self, "x_shift", -100.0, 100.0)
-        _number(self, "y_shift", -100.0, 100.0)
-        _number(self, "zoom", 1e-3, 1e3)
+        if not isinstance(self.camera, Camera):
+            raise ValueError(f"camera must be an hdm_core.canvas.Camera, got {type(self.camera).__name__}")
         _number(self, "tread_gamma_cond", 0.0, 0.99)
         _number(self, "tread_gamma_uncond", 0.0, 0.99)
         _number(self, "strength", 1e-3, 1.0)
         if self.max_prompt_tokens is not None:
             _whole(self, "max_prompt_tokens", 1, 1_000_000)
+        _whole(self, "tile_size", 0, MAX_SIDE)
+        _whole(self, "tile_overlap", 0, max(self.tile_size - 1, 0))
+        _whole(self, "tile_batch", 1, 1024)
+        if self.tile_positions not in TILE_POSITIONS:
+            raise ValueError(f"tile_positions must be one of {TILE_POSITIONS}, got {self.tile_positions!r}")
         return self
 
+    def tiling(self, downscale: int, patch: int) -> Tiling | None:
+        """The tiles in latent cells (None when untiled): the tile a multiple of downscale × patch px (whole
+        patches), the overlap of downscale px (whole latent cells)."""
+        if not self.tile_size:
+            return None
+        unit = downscale * patch
+        if self.tile_size % unit:
+            raise ValueError(f"tile_size {self.tile_size} px must be a multiple of {unit} px for this model")
+        if self.tile_overlap % downscale:
+            raise ValueError(f"tile_overlap {self.tile_overlap} px must be a multiple of {downscale} px for this "
+                             f"model")
+        tile = self.tile_size // downscale
+        return Tiling(tile, tile, self.tile_overlap // downscale, own_positions=self.tile_positions == "own",
+                      batch=self.tile_batch)
 
+
+TILE_POSITIONS = ("canvas", "own")
 MAX_SIDE = 16_384           # pixels per side
 MAX_PIXELS = 4096 * 4096    # per image; HDM is trained at about 1 MP
 MAX_BATCH = 256
@@ -175,6 +199,24 @@ def _batched_cfg_denoiser(model: torch.nn.Module, dtype: torch.dtype, cond: torc
     return denoise
 
 
+class TiledModel(torch.nn.Module):
+    """A diffusion model called tile by tile (`hdm_core.canvas.tiled_forward`), with the model's own signature."""
+
+    def __init__(self, model: torch.nn.Module, tiling: Tiling, camera: Camera) -> None:
+        super().__init__()
+        self.model, self.tiling, self.camera = model, tiling, camera
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, *, pos_map: torch.Tensor,
+                aspect: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        b = x.shape[0]
+
+        def tile(x_tiles: torch.Tensor, maps: torch.Tensor, aspects: torch.Tensor) -> torch.Tensor:
+            n = x_tiles.shape[0] // b
+            more = {k: per_tile(v, b, n) if torch.is_tensor(v) and v.dim() else v for k, v in kwargs.items()}
+            return self.model(x_tiles, per_tile(t, b, n), per_tile(ctx, b, n), pos_map=maps, aspect=aspects, **more)
+        return tiled_forward(tile, x, pos_map, aspect.reshape(-1).expand(x.shape[0]), self.tiling, [self.camera])
+
+
 @torch.no_grad()
 def generate(components: HDMComponents, params: GenerationParams, *, init_image: torch.Tensor | None = None,
              callback: Callable[[dict[str, Any]], None] | None = None, decode: bool = True,
@@ -206,10 +248,13 @@ def generate(components: HDMComponents, params: GenerationParams, *, init_image:
     cond, uncond = (c.to(device) for c in te.encode([params.prompt, params.negative_prompt],
                                                     max_tokens=params.max_prompt_tokens))
     b = params.batch_size
-    pos_map = camera_position_map(lat_h, lat_w, params.x_shift, params.y_shift, params.zoom).to(device)
+    pos_map = canvas_position_map(lat_h, lat_w, params.camera, device=device)
     aspect = torch.full((b,), aspect_info(lat_h, lat_w), device=device)
     generator = torch.Generator(device).manual_seed(params.seed) if (params.tread_gamma_cond or
                                                                      params.tread_gamma_uncond) else None
+    tiling = params.tiling(downscale, cfg.patch_size)
+    if tiling is not None:
+        model = TiledModel(model, tiling, params.camera)
     denoise = make_denoiser(model, cond, uncond, params.cfg, pos_map=pos_map, aspect=aspect,
                             gamma_cond=params.tread_gamma_cond, gamma_uncond=params.tread_gamma_uncond,
                             generator=generator)

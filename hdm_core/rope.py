@@ -12,43 +12,27 @@ import torch
 import torch.nn.functional as F
 
 
+def axis_coords(n: int, long_side: int, start: int = 0, length: int | None = None, *,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Cell centres (float64) of cells [start, start + length) on an axis of n cells of a canvas whose long side
+    has `long_side` cells: the long side spans [-1, 1], this one ±n/long_side (SPEC §4.1). Each value depends only
+    on its own index, so a part of an axis is exactly that part of the whole axis."""
+    length = n - start if length is None else length
+    r = n / long_side
+    return -r + (torch.arange(start, start + length, dtype=torch.float64, device=device) + 0.5) * (2 * r / n)
+
+
 def make_axial_pos(rows: int, cols: int, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Default axial grid for a rows × cols grid → [rows·cols, 2] (SPEC §4.1)."""
+    """Default axial grid for a rows × cols grid → [rows·cols, 2] (SPEC §4.1); `hdm_core.canvas` has the map of a
+    region of a canvas through a camera."""
     if rows < 1 or cols < 1:
         raise ValueError(f"position grid must be at least 1x1, got {rows}x{cols}")
     long_side = max(rows, cols)
-    r_y, r_x = rows / long_side, cols / long_side
-    # Cell centres: -r + (i + 1/2) * (2r / n), computed in float64 then cast, to match the reference to 1 ulp.
-    y = -r_y + (torch.arange(rows, dtype=torch.float64, device=device) + 0.5) * (2 * r_y / rows)
-    x = -r_x + (torch.arange(cols, dtype=torch.float64, device=device) + 0.5) * (2 * r_x / cols)
+    # computed in float64 then cast, to match the reference to 1 ulp
+    y, x = axis_coords(rows, long_side, device=device), axis_coords(cols, long_side, device=device)
     grid = torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1)  # (rows, cols, 2)
     return grid.reshape(rows * cols, 2).to(dtype)
-
-
-def camera_pos(pos: torch.Tensor, x_shift: float | torch.Tensor = 0.0, y_shift: float | torch.Tensor = 0.0,
-               zoom: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Move the camera: (pos + shift) / zoom, x_shift on channel 1, y_shift on channel 0 (SPEC §4.3).
-
-    Tensor arguments of shape [B] give one camera per sample (pos then broadcasts to [B, N, 2]).
-    """
-    if not isinstance(zoom, torch.Tensor) and zoom <= 0:
-        raise ValueError(f"zoom must be > 0, got {zoom}")
-    if isinstance(x_shift, torch.Tensor) or isinstance(y_shift, torch.Tensor) or isinstance(zoom, torch.Tensor):
-        as_col = [torch.as_tensor(v, dtype=pos.dtype, device=pos.device).reshape(-1, 1) for v in
-                  (y_shift, x_shift, zoom)]
-        shift = torch.stack(torch.broadcast_tensors(as_col[0], as_col[1]), dim=-1)  # (B, 1, 2)
-        return (pos + shift) / as_col[2][..., None]
-    if x_shift == 0 and y_shift == 0 and zoom == 1:
-        return pos
-    shift = torch.tensor([y_shift, x_shift], dtype=pos.dtype, device=pos.device)
-    return (pos + shift) / zoom
-
-
-def camera_position_map(latent_height: int, latent_width: int, x_shift: float = 0.0, y_shift: float = 0.0,
-                        zoom: float = 1.0) -> torch.Tensor:
-    """The latent-resolution camera map [H·W, 2] that the official callers pass to the model."""
-    return camera_pos(make_axial_pos(latent_height, latent_width), x_shift, y_shift, zoom)
 
 
 def downsample_pos(pos: torch.Tensor, height: int, width: int, factor: int = 2) -> torch.Tensor:
@@ -68,18 +52,9 @@ def downsample_pos(pos: torch.Tensor, height: int, width: int, factor: int = 2) 
     return small.permute(0, 2, 3, 1).reshape(b, -1, 2).to(pos.dtype)
 
 
-def crop_pos(pos: torch.Tensor, rows: int, cols: int, top: int, left: int, height: int,
-             width: int) -> torch.Tensor:
-    """Crop a map [rows·cols, 2] of a rows × cols grid to the window (top, left, height, width)."""
-    if top < 0 or left < 0 or top + height > rows or left + width > cols:
-        raise ValueError(f"crop window (top={top}, left={left}, {height}x{width}) does not fit the "
-                         f"{rows}x{cols} grid")
-    window = pos.reshape(rows, cols, 2)[top:top + height, left:left + width]
-    return window.reshape(height * width, 2)
-
-
 def area_downsample_pos(pos: torch.Tensor, rows: int, cols: int, factor: int) -> torch.Tensor:
-    """Average-pool a map [rows·cols, 2] by `factor` (pixel → latent resolution in training, SPEC §4.4)."""
+    """Average-pool a map [rows·cols, 2] by `factor` (pixel → latent resolution, SPEC §4.4: the reference the
+    training crop's latent-resolution map is tested against)."""
     grid = pos.reshape(1, rows, cols, 2).permute(0, 3, 1, 2)
     small = F.avg_pool2d(grid, factor)
     return small.permute(0, 2, 3, 1).reshape(-1, 2)

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import comfy.conds
 import comfy.latent_formats
 import comfy.ldm.modules.attention
@@ -26,14 +28,14 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
+from ..hdm_core.canvas import CAMERA_KEYS, Camera, per_tile, tiled_forward
 from ..hdm_core.config import XUTConfig
-from ..hdm_core.layout import TE_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ..hdm_core.rope import aspect_info, camera_pos, make_axial_pos
+from ..hdm_core.layout import COMFY_CLIP_PREFIX, TE_PREFIX, UNET_PREFIX, VAE_MEAN_KEY, VAE_PREFIX, VAE_STD_KEY
 from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD, channel_stats
 from ..hdm_core.weights import is_fp8
 from ..hdm_core.xut import XUT, BlockHook
-from .conditioning import CAMERA_DEFAULTS, CAMERA_KEYS
-from .text_encoder import CLIP_PREFIX, text_encoder_class, tokenizer_class
+from .positions import POSITIONS_OPTION, TILES_OPTION, call_positions, canvas_conds
+from .text_encoder import text_encoder_class, tokenizer_class
 
 # ComfyUI's activation-memory estimate per latent element (BaseModel.memory_required) is scaled by this factor
 # before it frees VRAM for sampling (SD1.5 uses 1.0, SDXL 0.8). 1.2: headroom for XUT's concatenated text tokens
@@ -67,8 +69,8 @@ class HDMEQVAE(comfy.latent_formats.LatentFormat):
 
     def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         """The file's latent statistics (`vae_mean` / `vae_std`); None: the EQ-SDXL-VAE ones."""
-        self.latents_mean = channel_stats(mean, EQVAE_MEAN, "vae_mean")
-        self.latents_std = channel_stats(std, EQVAE_STD, "vae_std")
+        self.latents_mean = channel_stats(mean, EQVAE_MEAN, VAE_MEAN_KEY)
+        self.latents_std = channel_stats(std, EQVAE_STD, VAE_STD_KEY)
         self.latent_rgb_factors, self.latent_rgb_factors_bias = eqvae_preview_factors(
             self.latents_mean.flatten().tolist(), self.latents_std.flatten().tolist())
 
@@ -147,6 +149,21 @@ def keep_small_tensors_float32(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.float()
 
 
+def autograd_ready(model: torch.nn.Module) -> None:
+    """Training (ComfyUI's TrainLoraNode): tensors outside ComfyUI's ops layers (RMSNorm gains, RoPE and timestep
+    frequencies) that were made under ComfyUI's inference mode (the model is built and moved while nodes run) become
+    ordinary copies, which autograd may save; ops-layer weights get TrainLoraNode's adapters in front of them."""
+    for module in model.modules():
+        if isinstance(module, comfy.ops.CastWeightBiasOp):
+            continue
+        for name, t in module._parameters.items():
+            if t is not None and t.is_inference():
+                module._parameters[name] = torch.nn.Parameter(t.clone(), requires_grad=t.requires_grad)
+        for name, t in module._buffers.items():
+            if t is not None and t.is_inference():
+                module._buffers[name] = t.clone()
+
+
 class HDMDiffusionModel(XUT):
     """XUT with ComfyUI's calling convention, attention and block patches; the official state-dict keys."""
 
@@ -167,31 +184,43 @@ class HDMDiffusionModel(XUT):
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
             x, timesteps, context, control, transformer_options, **kwargs)
 
-    def _forward(self, x, timesteps, context, control, transformer_options, x_shift=None, y_shift=None, zoom=None,
-                 tread_gamma=0.0, **kwargs):
+    def _forward(self, x, timesteps, context, control, transformer_options, tread_gamma=0.0, **conds):
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():  # training
+            autograd_ready(self)
         if context is not None and context.shape[-1] != self.config.ctx_dim:
             raise ValueError(
                 f"the conditioning has {context.shape[-1]} features per token but this HDM model expects "
                 f"{self.config.ctx_dim}: encode prompts with the CLIP output of an HDM loader")
-        b, _, height, width = x.shape
+        _, _, height, width = x.shape
         # A latent side that is not a whole number of patches (e.g. EmptyLatentImage at 8-px steps) is padded
         # to one and the output cropped back, as ComfyUI's other DiT models do.
         patch = self.config.patch_size
-        if height % patch or width % patch:
-            x = F.pad(x, (0, -width % patch, 0, -height % patch), mode="replicate")
-        # Every path gets a latent-resolution camera map (SPEC §4.3), the identity one when no camera node is
-        # used, as the official pipeline always passes one: KSampler and HDM Sampler then agree with it.
-        if x_shift is None:
-            x_shift, y_shift, zoom = (torch.full((b,), CAMERA_DEFAULTS[k]) for k in CAMERA_KEYS)
-        pos = make_axial_pos(*x.shape[-2:], device=x.device)
-        pos_map = camera_pos(pos, x_shift.float().reshape(-1).to(x.device), y_shift.float().reshape(-1).to(x.device),
-                             zoom.float().reshape(-1).to(x.device))                       # (B, H·W, 2)
-        aspect = torch.full((b,), aspect_info(height, width), device=x.device)
-        # HDM-ext / the official loop give the model t in its dtype (fp16: t is rounded before ×1000).
-        out = super().forward(x, timesteps.to(x.dtype), context, pos_map=pos_map, aspect=aspect,
-                              tread_rate=float(tread_gamma) or None,
-                              block_hook=comfy_block_hook(transformer_options, len(self.block_names)),
-                              attn_options={"transformer_options": transformer_options})
+        padded = (height + -height % patch, width + -width % patch)
+        # Every call gets a latent-resolution map (SPEC §4.3) of its place on the canvas through the camera (the
+        # identity camera without a camera node, as the official pipeline always passes one).
+        pos_map, aspect, cameras = call_positions(x, conds, transformer_options, patch, padded)
+        if padded != (height, width):
+            x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height), mode="replicate")
+        hook = comfy_block_hook(transformer_options, len(self.block_names))
+
+        def run(x_part, map_part, aspect_part):
+            # Tiles stacked along the batch (tile after tile, each the call's samples) get the samples' inputs once
+            # per tile; cond_or_uncond names the batch's chunks for patches that split it.
+            # HDM-ext / the official loop give the model t in its dtype (fp16: t is rounded before ×1000).
+            t, ctx, options = timesteps.to(x.dtype), context, transformer_options
+            b, n = x.shape[0], x_part.shape[0] // x.shape[0]
+            if n > 1:
+                t, ctx = per_tile(t, b, n), per_tile(ctx, b, n)
+                options = {**options, "cond_or_uncond": list(options.get("cond_or_uncond", [])) * n}
+            return super(HDMDiffusionModel, self).forward(
+                x_part, t, ctx, pos_map=map_part, aspect=aspect_part, tread_rate=float(tread_gamma) or None,
+                block_hook=hook, attn_options={"transformer_options": options})
+        tiling = transformer_options.get(TILES_OPTION)
+        if tiling is None:
+            out = run(x, pos_map, aspect)
+        else:
+            own = replace(tiling, own_positions=transformer_options.get(POSITIONS_OPTION) == "own")
+            out = tiled_forward(run, x, pos_map, aspect, own, cameras)
         return out[..., :height, :width]
 
 
@@ -208,6 +237,7 @@ class HDMModel(comfy.model_base.BaseModel):
         camera = camera_tensors(kwargs)
         for name, value in (camera or {}).items():
             out[name] = comfy.conds.CONDRegular(value)
+        out.update(canvas_conds(kwargs.get("noise")))
         # One TREAD rate per model call: conds with different gammas are never batched together.
         out["tread_gamma"] = comfy.conds.CONDConstant(float(kwargs.get("tread_gamma") or 0.0))
         return out
@@ -217,7 +247,7 @@ def camera_tensors(cond: dict) -> dict[str, torch.Tensor] | None:
     """x_shift / y_shift / zoom of a conditioning dict as float32 [F] tensors (None when no camera is set)."""
     if not any(k in cond for k in CAMERA_KEYS):
         return None
-    values = [torch.as_tensor(cond.get(k, CAMERA_DEFAULTS[k]), dtype=torch.float32).reshape(-1) for k in CAMERA_KEYS]
+    values = [torch.as_tensor(cond.get(k, getattr(Camera(), k)), dtype=torch.float32).reshape(-1) for k in CAMERA_KEYS]
     frames = max(v.numel() for v in values)
     return {k: v.expand(frames) if v.numel() == 1 else v for k, v in zip(CAMERA_KEYS, values)}
 
@@ -255,10 +285,11 @@ class HDMModelConfig(comfy.supported_models_base.BASE):
         return comfy.utils.state_dict_prefix_replace(state_dict, {"": UNET_PREFIX})
 
     def process_clip_state_dict_for_saving(self, state_dict):
-        return {TE_PREFIX + k[len(CLIP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CLIP_PREFIX)}
+        return {TE_PREFIX + k[len(COMFY_CLIP_PREFIX):]: v for k, v in state_dict.items()
+                if k.startswith(COMFY_CLIP_PREFIX)}
 
     def process_vae_state_dict_for_saving(self, state_dict):
         out = comfy.utils.state_dict_prefix_replace(state_dict, {"": VAE_PREFIX})
         if isinstance(self.latent_format, HDMEQVAE):
-            out["vae_mean"], out["vae_std"] = self.latent_format.latents_mean, self.latent_format.latents_std
+            out[VAE_MEAN_KEY], out[VAE_STD_KEY] = self.latent_format.latents_mean, self.latent_format.latents_std
         return out

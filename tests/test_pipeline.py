@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hdm_core.canvas import Camera, Region, canvas_position_map
 from hdm_core.checkpoint import load_components
 from hdm_core.config import latent_size
 from hdm_core.generate import main as generate_main
@@ -35,15 +36,16 @@ def test_images_shape_range_and_determinism(comps):
     assert (alone - latents[1]).abs().max() < 1e-3 * latents.abs().max()  # batched kernels differ by ulps
 
 
-@pytest.mark.parametrize("change", [dict(x_shift=0.5), dict(zoom=1.5), dict(tread_gamma_uncond=0.5),
+@pytest.mark.parametrize("change", [dict(camera=Camera(x_shift=0.5)), dict(camera=Camera(zoom=1.5)),
+                                    dict(tread_gamma_uncond=0.5), dict(tile_size=32, tile_overlap=16),
                                     dict(negative_prompt="blurry"), dict(sampler="heun"), dict(shift=3.0)])
 def test_every_control_changes_the_latent(comps, change):
     base = run(comps, seed=1)
     assert not torch.allclose(run(comps, seed=1, **change), base, atol=1e-4), change
 
 
-@pytest.mark.parametrize("camera", [dict(x_shift=0.5), dict(y_shift=-0.25), dict(zoom=2.0),
-                                    dict(x_shift=0.2, y_shift=0.1, zoom=0.5)])
+@pytest.mark.parametrize("camera", [Camera(x_shift=0.5), Camera(y_shift=-0.25), Camera(zoom=2.0),
+                                    Camera(x_shift=0.2, y_shift=0.1, zoom=0.5)])
 def test_camera_reaches_the_model_with_its_direction(comps, monkeypatch, camera):
     """The position map the model sees is the identity map moved by the camera (SPEC §4.3): x_shift > 0 raises
     every x coordinate (the camera moves right, so content moves left), zoom > 1 shrinks the map (zooms in)."""
@@ -53,9 +55,35 @@ def test_camera_reaches_the_model_with_its_direction(comps, monkeypatch, camera)
     run(comps, seed=1, steps=1)
     identity = seen[0]
     seen.clear()
-    run(comps, seed=1, steps=1, **camera)
-    shift = torch.tensor([camera.get("y_shift", 0.0), camera.get("x_shift", 0.0)])  # channels (y, x)
-    torch.testing.assert_close(seen[0], (identity + shift) / camera.get("zoom", 1.0))
+    run(comps, seed=1, steps=1, camera=camera)
+    shift = torch.tensor([camera.y_shift, camera.x_shift])  # channels (y, x)
+    torch.testing.assert_close(seen[0], (identity + shift) / camera.zoom)
+
+
+def test_tiles_cover_the_canvas_at_their_place(comps, monkeypatch):
+    """Tiled sampling: one tile covering the canvas is the untiled result bit for bit; tiles that do not divide
+    the canvas each get their slice of the canvas's map (stacked `tile_batch` at a time), and the result is
+    close to the untiled one where the tiles agree (a model this random does not, so only finiteness there)."""
+    untiled = run(comps, decode=False, seed=2)
+    assert torch.equal(run(comps, decode=False, seed=2, tile_size=96, tile_overlap=32), untiled)
+    seen = []
+    forward = comps.model.forward
+    monkeypatch.setattr(comps.model, "forward", lambda *a, **kw: seen.append((a[0].shape, kw["pos_map"])) or
+                        forward(*a, **kw))
+    tiled = run(comps, decode=False, seed=2, steps=1, tile_size=48, tile_overlap=16, tile_batch=2)
+    assert torch.isfinite(tiled).all() and tiled.shape == untiled.shape
+    # a 12 x 8 latent in 6 x 6 tiles overlapping by 2: rows start at 0, 3, 6 and columns at 0, 2; two tiles per
+    # call, each with the cond and uncond samples (CFG batched): three calls of 4 per step
+    assert [tuple(shape) for shape, _ in seen] == [(4, 4, 6, 6)] * 3
+    tiles = [Region(top, left, 6, 6) for top in (0, 3, 6) for left in (0, 2)]
+    for k, region in enumerate(tiles):
+        for sample in range(2):
+            assert torch.equal(seen[k // 2][1][(k % 2) * 2 + sample], canvas_position_map(12, 8, region=region))
+    with pytest.raises(ValueError, match="tile_size 40 px must be a multiple of 16 px"):
+        run(comps, tile_size=40)
+    with pytest.raises(ValueError, match="tile_overlap 4 px must be a multiple of 8 px"):
+        run(comps, tile_size=48, tile_overlap=4)
+    assert torch.isfinite(run(comps, decode=False, steps=1, tile_size=48, tile_overlap=8)).all()  # one latent cell
 
 
 def test_img2img_starts_from_the_noised_input(comps):
@@ -102,11 +130,12 @@ def test_cli_writes_pngs_with_parameters(tiny_checkpoint, tmp_path):
     assert len(files) == 2
     meta = json.loads(Image.open(files[1]).text["hdm"])
     assert meta["prompt"] == "a blue square" and meta["seed"] == 8 and meta["steps"] == 2
-    assert (meta["x_shift"], meta["y_shift"], meta["zoom"]) == (0.25, -0.5, 1.5)
+    assert meta["camera"] == {"x_shift": 0.25, "y_shift": -0.5, "zoom": 1.5}
     assert (meta["tread_gamma_cond"], meta["tread_gamma_uncond"], meta["shift"]) == (0.25, 0.5, 2.5)
-    assert Image.open(files[0]).text["parameters"] == (
+    assert Image.open(files[0]).text["parameters"].startswith(
         "a blue square\nNegative prompt: \nSteps: 2, Sampler: heun, CFG scale: 3.0, Seed: 7, Size: 32x32, "
-        "Shift: 2.5, X shift: 0.25, Y shift: -0.5, Zoom: 1.5, TREAD gamma cond: 0.25, TREAD gamma uncond: 0.5")
+        "Shift: 2.5, X shift: 0.25, Y shift: -0.5, Zoom: 1.5, TREAD gamma cond: 0.25, TREAD gamma uncond: 0.5, "
+        "Model hash: ")  # then the model's name and hash (tests/test_cli_tools.py)
 
 
 def test_cli_help_shows_every_default(capsys):

@@ -1,4 +1,4 @@
-"""Position maps, camera, training crop, RoPE and TREAD routing as identities and invariants."""
+"""Position maps, RoPE and TREAD routing as identities and invariants (the camera and regions: test_canvas.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import torch
 from hdm_core import (
     PRESETS,
     XUT,
-    camera_pos,
-    camera_position_map,
-    crop_pos,
+    canvas_position_map,
     downsample_pos,
     keep_count,
     make_axial_pos,
@@ -20,7 +18,7 @@ from hdm_core import (
     restore_tokens,
     select_tokens,
 )
-from hdm_core.rope import apply_rope, area_downsample_pos, aspect_info, rope_angles
+from hdm_core.rope import apply_rope, aspect_info, rope_angles
 
 
 def test_axial_grid_ranges_long_side_spans_unit():
@@ -32,42 +30,15 @@ def test_axial_grid_ranges_long_side_spans_unit():
     assert portrait[0, 0].tolist() == pytest.approx([-1 + 0.125, -0.5 + 0.125])
 
 
-def test_camera_identity_and_direction():
-    pos = make_axial_pos(6, 10)
-    assert camera_pos(pos, 0, 0, 1) is pos
-    moved = camera_pos(pos, x_shift=0.5, y_shift=-0.25, zoom=2.0)
-    assert torch.allclose(moved[:, 1], (pos[:, 1] + 0.5) / 2) and torch.allclose(moved[:, 0], (pos[:, 0] - 0.25) / 2)
-    per_sample = camera_pos(pos, torch.tensor([0.0, 0.5]), torch.tensor([0.0, -0.25]), torch.tensor([1.0, 2.0]))
-    assert per_sample.shape == (2, 60, 2)
-    assert torch.allclose(per_sample[0], pos) and torch.allclose(per_sample[1], moved)
-    with pytest.raises(ValueError, match="zoom must be > 0"):
-        camera_pos(pos, zoom=0)
-
-
 def test_reduction_pulls_border_inward_by_three_fourteenths():
     h, w = 8, 12
-    small = downsample_pos(camera_position_map(h, w), h, w)[0].reshape(h // 2, w // 2, 2)
+    small = downsample_pos(canvas_position_map(h, w), h, w)[0].reshape(h // 2, w // 2, 2)
     direct = make_axial_pos(h // 2, w // 2).reshape(h // 2, w // 2, 2)
     assert torch.allclose(small[1:-1, 1:-1], direct[1:-1, 1:-1], atol=1e-6)
     delta_x = 2 * 1.0 / w  # latent cell size along x (long side)
     assert small[0, 0, 1].item() == pytest.approx(-1 + 17 / 14 * delta_x, abs=1e-6)
     with pytest.raises(ValueError, match="latent-resolution map"):
         downsample_pos(make_axial_pos(4, 6), h, w)
-
-
-def test_crop_of_map_is_map_at_crop_coordinates():
-    rows, cols, size = 16, 24, 16
-    full = make_axial_pos(rows, cols)
-    for left in (0, 3, 8):
-        crop = crop_pos(full, rows, cols, 0, left, size, size).reshape(size, size, 2)
-        ref = full.reshape(rows, cols, 2)
-        assert torch.equal(crop[:, 0], ref[:, left]) and torch.equal(crop[0], ref[0, left:left + size])
-    square = make_axial_pos(size, size)
-    assert torch.equal(crop_pos(square, size, size, 0, 0, size, size), square)
-    latent = area_downsample_pos(full, rows, cols, 8)
-    assert torch.allclose(latent, make_axial_pos(rows // 8, cols // 8), atol=1e-6)
-    with pytest.raises(ValueError, match="does not fit"):
-        crop_pos(full, rows, cols, 0, 10, size, size)
 
 
 def test_aspect_is_log_width_over_height():
