@@ -2,7 +2,7 @@
 # The main job on a fresh CPU-only machine: install into .venv, train a tiny HDM on generated shapes with the
 # bundled launcher (a few minutes on 2 cores), export it in the released single-file layout and write
 # demo_out/grid.png (prompt following) and demo_out/camera_strip.png (x shift -0.5..0.5, zoom 0.75..1.33).
-#   bash run_demo.sh                    # train the recipe's 2,000 steps (5-6 min on 2 cores)
+#   bash run_demo.sh                    # train the recipe's 600 steps (2 min on 2 idle cores, 5 on busy ones)
 #   bash run_demo.sh --pretrained       # no training: the shipped demo/pretrained/hdm-demo.safetensors (< 1 min)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -5,7 +5,7 @@ demo/measure.py, which reads each image's colour against the demo's five colours
     python -m demo.finetune                     # about 1 min on 2 cores: dataset, 60 LoRA steps, figures, picture
     python -m demo.finetune --steps 150 finetune.dim=4      # more steps; KEY=VALUE overrides go to the launcher
 
-Asked for "an orange circle", the demo model draws a red one: the word is new to it (its frozen text encoder still
+Asked for "an orange circle", the demo model draws a purple one: the word is new to it (its frozen text encoder still
 gives it its own embedding). After the fine-tune it draws orange, and still draws the five colours it knew.
 Writes demo_out/finetune/hdm-demo-orange.safetensors (ComfyUI's LoRA keys: LoraLoaderModelOnly on the demo
 checkpoint, or hdm_core.adapters.apply_adapters), demo_out/finetune/before_after.png and metrics.json.
@@ -26,18 +26,20 @@ import torch
 from PIL import Image
 
 from hdm_core.adapters import adapters_applied
+from hdm_core.canvas import IDENTITY
 from hdm_core.checkpoint import load_components
 from hdm_core.pipeline import image_grid, to_pil
 from training.runtime import set_cpu_threads
 from training.toy_data import ALL_COLOURS, COLOURS, make_dataset, parse_caption, prompts
 
 from .measure import binomial_tail, chance_level, measure
-from .run import PRETRAINED, SHEET_GREY, generate_one, progress, repo_relative, train, with_legend
+from .run import PRETRAINED, SHEET_GREY, generate_batch, positive_int, progress, repo_relative, train, with_legend
 
 NEW_COLOUR = "orange"
 NAME = "hdm-demo-orange"
 # Half the images in the new colour, half in the demo's five: the adapter learns orange without forgetting them
-# (on orange alone, 150 steps drew 14 of the 30 old-colour prompts orange and kept 12 right).
+# (trained on orange alone, an adapter repaints the known colours: docs/training.md, "When a regularisation set
+# is needed").
 COLOURS_SEEN = (NEW_COLOUR,) * len(COLOURS) + tuple(COLOURS)
 IMAGES, DATA_SEED = 400, 1          # another seed than the demo's dataset (0)
 STEPS = 60                          # 30 steps already drew orange in 12 of 12; twice that for a margin
@@ -49,10 +51,10 @@ PALETTE = ALL_COLOURS                # colour read among 6: guessing is right 1 
 
 # The verdict (binomial tails of a model that picks one of the six colours at random, chance 1/6):
 THRESHOLDS = {
-    "new_before_max": 2,         # of 12: at most what chance gives on average (the demo model draws red: 0)
+    "new_before_max": 2,         # of 12: at most what chance gives on average (the demo model draws purple: 0)
     "new_after_min": 9,          # of 12: P(chance reaches it) = 1.4e-5
     "old_colour_after_min": 26,  # of 30 (the demo model: 30): at most 4 of the known colours lost
-    "old_shape_after_min": 22,   # of 30 (the demo model: 28 with these 12 sampling steps)
+    "old_shape_after_min": 22,   # of 30 (the demo model: 30 with these 12 sampling steps)
 }
 
 
@@ -82,8 +84,8 @@ def finetune(data: Path, runs: Path, steps: int = STEPS, base: Path = PRETRAINED
 def follow(comps: Any, prompt_list: list[str], seeds: Iterable[int], desc: str) -> dict[str, Any]:
     """Every prompt with every seed: how often demo.measure reads the prompt's colour (among PALETTE) and shape."""
     rows = []
-    for seed, p in progress([(s, p) for s in seeds for p in prompt_list], desc):
-        img = generate_one(comps, p, seed, **SAMPLE)
+    cases = [(p, s, IDENTITY) for s in seeds for p in prompt_list]
+    for (p, seed, _), img in zip(cases, generate_batch(comps, cases, desc=desc, **SAMPLE)):
         m = measure(img, PALETTE)
         rows.append({"prompt": p, "seed": seed, "image": img, "colour": m.colour, "shape": m.shape})
     want = [parse_caption(r["prompt"]) for r in rows]
@@ -147,8 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=f"Teach the demo model the colour {NEW_COLOUR} with a LoRA (CPU, ~1 min).")
     p.add_argument("--out", type=Path, default=Path("demo_out") / "finetune", help="output folder")
     p.add_argument("--base", type=Path, default=PRETRAINED, help="the model to fine-tune (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
-    p.add_argument("--images", type=int, default=IMAGES, help=f"size of the generated dataset (default {IMAGES})")
+    p.add_argument("--steps", type=positive_int, default=STEPS, help=f"optimizer steps (default {STEPS})")
+    p.add_argument("--images", type=positive_int, default=IMAGES,
+                   help=f"size of the generated dataset (default {IMAGES})")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides passed to the launcher")
     return p.parse_args(argv)
 

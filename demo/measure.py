@@ -49,17 +49,16 @@ def foreground(image) -> np.ndarray:
     return saturation(image) > MIN_SATURATION
 
 
-def largest_blob(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask (the shape; stray specks and the partial copies an
-    undertrained model can draw where the camera looks past the trained positions are left out)."""
+def label_blobs(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """8-connected components of a boolean mask: labels [H, W] (0 = background, k = component k) and the size of
+    each component (sizes[k - 1])."""
     h, w = mask.shape
     labels = np.zeros((h, w), dtype=np.int32)
-    best, best_size, current = 0, 0, 0
+    sizes: list[int] = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if labels[y0, x0]:
             continue
-        current += 1
-        labels[y0, x0] = current
+        labels[y0, x0] = len(sizes) + 1
         stack, size = [(y0, x0)], 0
         while stack:
             y, x = stack.pop()
@@ -68,11 +67,17 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
                 for dx in (-1, 0, 1):
                     ny, nx = y + dy, x + dx
                     if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = current
+                        labels[ny, nx] = len(sizes) + 1
                         stack.append((ny, nx))
-        if size > best_size:
-            best, best_size = current, size
-    return labels == best if best else np.zeros_like(mask)
+        sizes.append(size)
+    return labels, sizes
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (the shape; stray specks and the partial copies an
+    undertrained model can draw where the camera looks past the trained positions are left out)."""
+    labels, sizes = label_blobs(mask)
+    return labels == int(np.argmax(sizes)) + 1 if sizes else np.zeros_like(mask)
 
 
 def frame_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,9 +2,9 @@
 launcher, export it in the released single-file layout, draw a prompt grid and a camera strip, and say whether
 the model follows the prompt and the camera (exit 1 when a figure is near chance).
 
-    python -m demo.run                        # the recipe's 2,000 steps: 5-6 min on 2 cores
+    python -m demo.run                        # the recipe's 600 steps: 2 min on 2 idle cores, 5 on busy ones
     python -m demo.run --pretrained           # no training: the shipped demo/pretrained/hdm-demo.safetensors
-    python -m demo.run --steps 1000           # a quicker look: any step count, never fewer than asked
+    python -m demo.run --steps 300            # a quicker look: any step count, never fewer than asked
 
 The step count never depends on the machine's speed, and every process runs a fixed number of CPU threads
 (training.runtime.set_cpu_threads: 1, or OMP_NUM_THREADS), so the same seed gives the same weights and images on
@@ -31,8 +31,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from hdm_core.canvas import IDENTITY, Camera, canvas_position_map
 from hdm_core.checkpoint import load_components
-from hdm_core.pipeline import GenerationParams, generate, image_grid, to_pil
+from hdm_core.pipeline import image_grid, make_denoiser, seeded_noise, to_pil
+from hdm_core.sampling import SAMPLERS, flow_sigmas
 from training.runtime import set_cpu_threads
 from training.toy_data import make_dataset, parse_caption, prompts
 
@@ -86,6 +88,17 @@ def write_dataset(root: Path, n: int, seed: int) -> Path:
     return make_dataset(root, n, seed, progress=lambda samples: progress(samples, "dataset", total=n))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the demo's step, image and seed counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
 def launcher_command(data: Path, runs: Path, steps: int | None, recipe: Path = RECIPE,
                      extra: list[str] | None = None) -> list[str]:
     """The bundled launcher, exactly as a user would run it (one CPU process, no torchrun needed)."""
@@ -121,20 +134,45 @@ def train(data: Path, runs: Path, steps: int | None, recipe: Path = RECIPE, extr
 # Sampling and measuring
 # ---------------------------------------------------------------------------------------------------
 
-def generate_one(components: Any, prompt: str, seed: int, *, x_shift: float = 0.0, zoom: float = 1.0,
-                 size: int = SIZE, **sample: Any) -> torch.Tensor:
-    """One image [3, H, W] in [0, 1] through the public pipeline (camera map always passed)."""
-    params = GenerationParams(prompt, width=size, height=size, seed=seed, x_shift=x_shift, zoom=zoom,
-                              **{**SAMPLE, **sample})
-    return generate(components, params)[0]
+Case = tuple[str, int, Camera]  # (prompt, sampling seed, camera)
+
+
+@torch.no_grad()
+def generate_batch(components: Any, cases: list[Case], size: int = SIZE, desc: str | None = None,
+                   **sample: Any) -> torch.Tensor:
+    """Images [N, 3, H, W] for every (prompt, seed, camera) at once (CFG with the empty negative prompt): what
+    hdm_core.pipeline.generate draws for each, up to float rounding (tests/test_demo_canvas.py), several times
+    faster on a CPU. Prompts of one token count share a forward. With `desc`, a progress bar over the steps.
+    `sample` may change steps, cfg and sampler."""
+    if set(sample) - set(SAMPLE):
+        raise ValueError(f"generate_batch takes {sorted(SAMPLE)}, not {sorted(set(sample) - set(SAMPLE))}")
+    settings = {**SAMPLE, **sample}
+    model, te = components.model, components.text_encoder
+    contexts = te.encode([p for p, _, _ in cases])
+    uncond = te.encode([""])[0]
+    out = torch.empty(len(cases), 3, size, size)
+    lengths = sorted({c.shape[1] for c in contexts})
+    bar = progress(range(settings["steps"] * len(lengths)), desc, unit="step") if desc else None
+    for length in lengths:
+        idx = [i for i, c in enumerate(contexts) if c.shape[1] == length]
+        maps = torch.stack([canvas_position_map(size, size, cases[i][2]) for i in idx])
+        denoise = make_denoiser(model, torch.cat([contexts[i] for i in idx]), uncond, settings["cfg"], pos_map=maps,
+                                aspect=torch.zeros(len(idx)))
+        noise = torch.cat([seeded_noise((1, 3, size, size), cases[i][1]) for i in idx])
+        latents = SAMPLERS[settings["sampler"]](denoise, noise, flow_sigmas(settings["steps"]),
+                                                callback=None if bar is None else lambda _: bar.update())
+        out[idx] = components.vae.decode(latents)
+    if bar is not None:
+        bar.close()
+    return out
 
 
 def prompt_following(components: Any, prompt_list: list[str], seeds: Iterable[int], **sample: Any) -> dict[str, Any]:
     """Generate every prompt with every seed; accuracy of the colour and of the shape demo.measure reads."""
-    cases = [(p, seed) for seed in seeds for p in prompt_list]
+    cases = [(p, seed, IDENTITY) for seed in seeds for p in prompt_list]
     rows = []
-    for p, seed in progress(cases, "prompt grid"):
-        img = generate_one(components, p, seed, **sample)
+    images = generate_batch(components, cases, desc=f"prompt grid ({len(cases)} images)", **sample)
+    for (p, seed, _), img in zip(cases, images):
         m = measure(img)
         colour, shape = parse_caption(p)
         rows.append({"prompt": p, "seed": seed, "image": img, "colour": m.colour, "shape": m.shape,
@@ -147,19 +185,22 @@ def prompt_following(components: Any, prompt_list: list[str], seeds: Iterable[in
             "both_accuracy": sum(r["colour_ok"] and r["shape_ok"] for r in rows) / n}
 
 
+CAMERA_TESTS = (Camera(x_shift=0.5), Camera(x_shift=-0.5), Camera(zoom=0.75), Camera(zoom=1.33))
+
+
 def camera_figures(components: Any, prompt_list: list[str], seeds: Iterable[int], **sample: Any) -> dict[str, Any]:
     """Per (prompt, seed): centroid x at x_shift ±0.5 and shape area at zoom 0.75 / 1.33 (same noise)."""
-    pairs = []
-    for p, seed in progress([(p, seed) for seed in seeds for p in prompt_list], "camera figures", unit="pair"):
-        left = measure(generate_one(components, p, seed, x_shift=0.5, **sample))     # content moves left
-        right = measure(generate_one(components, p, seed, x_shift=-0.5, **sample))   # content moves right
-        small = measure(generate_one(components, p, seed, zoom=0.75, **sample))
-        big = measure(generate_one(components, p, seed, zoom=1.33, **sample))
-        pairs.append({"prompt": p, "seed": seed, "cx_shift_plus": left.cx, "cx_shift_minus": right.cx,
-                      "area_zoom_075": small.area, "area_zoom_133": big.area})
-    dx = np.array([q["cx_shift_plus"] - q["cx_shift_minus"] for q in pairs])
-    ratio = np.array([q["area_zoom_133"] / max(q["area_zoom_075"], 1e-3) for q in pairs])
-    return {"pairs": pairs, "n": len(pairs),
+    pairs = [(p, seed) for seed in seeds for p in prompt_list]
+    images = generate_batch(components, [(p, seed, cam) for p, seed in pairs for cam in CAMERA_TESTS],
+                            desc=f"camera figures ({4 * len(pairs)} images)", **sample)
+    rows = []
+    for k, (p, seed) in enumerate(pairs):
+        left, right, small, big = (measure(img) for img in images[4 * k: 4 * k + 4])  # camera right: content left
+        rows.append({"prompt": p, "seed": seed, "cx_shift_plus": left.cx, "cx_shift_minus": right.cx,
+                     "area_zoom_075": small.area, "area_zoom_133": big.area})
+    dx = np.array([q["cx_shift_plus"] - q["cx_shift_minus"] for q in rows])
+    ratio = np.array([q["area_zoom_133"] / max(q["area_zoom_075"], 1e-3) for q in rows])
+    return {"pairs": rows, "n": len(rows),
             # centroid x (frame units, width spans [-1, 1]) at x_shift=+0.5 minus at x_shift=-0.5; ideal -1.0
             "mean_dx": float(np.nanmean(dx)) if np.isfinite(dx).any() else 0.0,
             "moved_left": int(np.sum(np.nan_to_num(dx, nan=1.0) < 0)),
@@ -241,11 +282,13 @@ def write_grid(follow: dict[str, Any], path: Path, cols: int = 6, scale: int = 4
 
 def write_camera_strip(components: Any, prompt: str, seed: int, path: Path, scale: int = 4, **sample: Any) -> None:
     """Row 1: x_shift -0.5 … 0.5 (content moves left as the camera moves right); row 2: zoom 0.75 … 1.33."""
-    cases = [dict(x_shift=x) for x in X_SHIFTS] + [dict(zoom=z) for z in ZOOMS]
+    cameras = [Camera(x_shift=x) for x in X_SHIFTS] + [Camera(zoom=z) for z in ZOOMS]
+    images = generate_batch(components, [(prompt, seed, cam) for cam in cameras],
+                            desc=f"camera strip ({len(cameras)} images)", **sample)
     tiles = []
-    for camera in progress(cases, "camera strip"):
-        label = f"x_shift {camera['x_shift']:+.2f}" if "x_shift" in camera else f"zoom {camera['zoom']:.2f}"
-        tiles.append(_tile(generate_one(components, prompt, seed, **camera, **sample), label, scale))
+    for camera, img in zip(cameras, images):
+        label = f"x_shift {camera.x_shift:+.2f}" if camera.zoom == 1 else f"zoom {camera.zoom:.2f}"
+        tiles.append(_tile(img, label, scale))
     legend = [f'Camera: "{prompt}", seed {seed}, the same starting noise in every tile.',
               "Row 1: x_shift moves the camera right, so the shape moves left. Row 2: zoom in, the shape grows."]
     with_legend(image_grid(tiles, len(X_SHIFTS), pad=4, background=SHEET_GREY), legend).save(path)
@@ -260,8 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--pretrained", type=Path, nargs="?", const=PRETRAINED, default=None, metavar="FILE",
                    help=f"skip training: sample the shipped {PRETRAINED.relative_to(REPO)} (or FILE)")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: the recipe's train.max_steps)")
-    p.add_argument("--images", type=int, default=3000, help="size of the generated dataset")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (default: the recipe's train.max_steps)")
+    p.add_argument("--images", type=positive_int, default=3000, help="size of the generated dataset")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--recipe", type=Path, default=RECIPE)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides passed to the launcher")

@@ -2,14 +2,11 @@
 follows the prompt's colour and shape and whose camera moves and scales the content, exported in the released
 single-file layout; and the checkpoint shipped in demo/pretrained/ reaches the figures its README states.
 
-The training budget is a fixed TEST_STEPS steps of TEST_BATCH images (about 70 s on one thread of a 2-core
-machine; a sixth of the images the demo's 2,000 steps of 32 see). Such a run learns the colours, the camera and
-the triangle against the round shapes; circle against square comes after about 1,000 steps of 32 (150 s here),
-so it is checked on the shipped checkpoint below (shape 15/15) and by the demo's own verdict. Every threshold is
-far above what a model that ignores the prompt or the camera reaches (see each assertion). With the thread count
-fixed (tests run with one thread) the run is deterministic: the same figures every time on one machine and torch
-build (700 steps, torch 2.13.0+cpu, 2-core AMD EPYC: colour 30/30, shape 19/30, triangle vs round 28/30, camera
-10/10 each way).
+The training budget is the demo recipe cut to TEST_STEPS steps (its cosine schedule then ends there): two thirds of
+the demo's training, ~1 min on one thread of a quiet 2-core machine. Training numerics follow the CPU's kernels, so
+the figures differ between CPUs (not between runs on one machine); every bar below sits well under the worst
+figure measured across ATEN_CPU_CAPABILITY=default / avx2 and training seeds 0-2 (demo/README.md, "The test's
+budget"), and far above what a model that ignores the prompt or the camera reaches (see each assertion).
 """
 
 from __future__ import annotations
@@ -22,7 +19,16 @@ import pytest
 import torch
 
 from demo.measure import binomial_tail, chance_level, measure
-from demo.run import CAMERA_PROMPTS, PRETRAINED, RECIPE, SAMPLE, generate_one, train, write_dataset
+from demo.run import (
+    CAMERA_PROMPTS,
+    PRETRAINED,
+    RECIPE,
+    SAMPLE,
+    camera_figures,
+    prompt_following,
+    train,
+    write_dataset,
+)
 from hdm_core.checkpoint import (
     CONFIG_METADATA_KEY,
     PIXEL_SPACE_KEY,
@@ -35,34 +41,22 @@ from training.recipe import load_recipe
 from training.runtime import set_cpu_threads
 from training.toy_data import COLOURS, SHAPES, parse_caption, prompts, render
 
-TEST_STEPS = 700
-TEST_BATCH = 16
+TEST_STEPS = 400
 TEST_IMAGES = 1500
-TEST_OVERRIDES = [f"train.batch_size={TEST_BATCH}"]
 TEST_SAMPLE = dict(steps=12, cfg=3.0)   # faster than the demo's 20 steps
 
 
 def follow_prompts(comps, seeds, **sample) -> list[tuple[str, str | None, str | None]]:
     """(prompt, colour read, shape read) for every prompt and seed."""
-    rows = []
-    for seed in seeds:
-        for p in prompts():
-            m = measure(generate_one(comps, p, seed, **sample))
-            rows.append((p, m.colour, m.shape))
-    return rows
+    follow = prompt_following(comps, prompts(), seeds, **sample)
+    return [(r["prompt"], r["colour"], r["shape"]) for r in follow["rows"]]
 
 
 def camera_pairs(comps, prompt_list, seeds, **sample) -> list[tuple[float, float]]:
     """Per (prompt, seed): (centroid x at x_shift +0.5 minus at -0.5, area at zoom 1.33 / at zoom 0.75)."""
-    out = []
-    for seed in seeds:
-        for p in prompt_list:
-            plus = measure(generate_one(comps, p, seed, x_shift=0.5, **sample))    # camera right: content left
-            minus = measure(generate_one(comps, p, seed, x_shift=-0.5, **sample))  # camera left: content right
-            small = measure(generate_one(comps, p, seed, zoom=0.75, **sample))
-            big = measure(generate_one(comps, p, seed, zoom=1.33, **sample))
-            out.append((plus.cx - minus.cx, big.area / max(small.area, 1e-3)))
-    return out
+    pairs = camera_figures(comps, list(prompt_list), seeds, **sample)["pairs"]
+    return [(q["cx_shift_plus"] - q["cx_shift_minus"], q["area_zoom_133"] / max(q["area_zoom_075"], 1e-3))
+            for q in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +64,8 @@ def demo_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
     data = write_dataset(root / "data", TEST_IMAGES, seed=0)
-    export = train(data, root / "runs", TEST_STEPS, extra=TEST_OVERRIDES, quiet=True)
-    print(f"\n[test_demo] dataset + {TEST_STEPS} training steps of {TEST_BATCH}: {time.perf_counter() - t0:.1f} s")
+    export = train(data, root / "runs", TEST_STEPS, quiet=True)
+    print(f"\n[test_demo] dataset + {TEST_STEPS} training steps: {time.perf_counter() - t0:.1f} s")
     return export, load_components(export, dtype=torch.float32)
 
 
@@ -139,15 +133,15 @@ def test_follows_the_prompt(demo_model):
               f"{chance['shape']:.0%}, P = {binomial_tail(n, shape_hits, chance['shape']):.0e}); triangle vs round "
               f"{pointed}/{n}; misses: {[r for r in rows if r[1:] != parse_caption(r[0])]}")
     print("\n[test_demo] " + report)
+    # Measured at this budget (demo/README.md, "The test's budget"): colour 30/30, shape 21-29/30, triangle vs round
+    # 27-30/30 over ATEN_CPU_CAPABILITY=default / avx2 (and AVX-only MKL / oneDNN) and training seeds 0-2.
     # A model that ignores a word draws the same image for every value of it (same colour or shape, same seed).
     # Colour: it would be right in 6 of 30 (chance 1/5); 27 of 30 has probability 3e-16 by guessing.
     assert colour_hits >= 27, report
-    # Shape: it would be right in exactly 10 of 30 and tell triangles from round shapes in at most 20 of 30.
-    # This budget learns the triangle, not yet circle against square (steps 650 to 800 of 16 gave shape 16-21 and
-    # triangle vs round 25-28 of 30), so the bar is set at the triangle: guessing shapes at random reaches 24 of 30
-    # triangle vs round with probability 5e-3, and 15 of 30 shapes with 0.04.
+    # Shape: it would be right in exactly 10 of 30 and tell triangles from round shapes in at most 20 of 30; guessing
+    # at random reaches 17 of 30 shapes with probability 7e-3.
     assert pointed >= 24, report
-    assert shape_hits >= 15, report
+    assert shape_hits >= 17, report
 
 
 def test_camera_moves_and_zooms(demo_model):
@@ -159,6 +153,7 @@ def test_camera_moves_and_zooms(demo_model):
               f"{moved_left}/{n}; zoom 1.33 vs 0.75: area x{np.nanmedian(ratios):.2f} (ideal 3.1), grew by > 1.3x in "
               f"{grew}/{n}")
     print("\n[test_demo] " + report)
+    # Measured at this budget: 10/10 both ways, mean -0.99 to -1.01, median x3.0 to x3.8 (same runs as above).
     # Without a working camera the centroids agree (dx = 0) and the area ratio is 1. A direction that came out by
     # chance would be right half the time: 9 of 10 has probability 0.011; and the mean shift and median ratio must
     # also be at least half the ideal movement.
