@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimate_finetune_memory import LiveBytes, default_dtype  # noqa: E402
 
 from hdm_core import XUT  # noqa: E402
-from hdm_core.canvas import Tiling, canvas_position_map, tiled_forward  # noqa: E402
+from hdm_core.canvas import IDENTITY, Tiling, canvas_position_map  # noqa: E402
 from hdm_core.config import PRESETS  # noqa: E402
+from hdm_core.pipeline import TiledModel  # noqa: E402
 from hdm_core.rope import aspect_info  # noqa: E402
 from training.runtime import set_cpu_threads  # noqa: E402
 
@@ -49,13 +50,8 @@ def model_call(model: XUT, side: int, tiling: Tiling | None, batch: int = 2,
     t, ctx = torch.full((batch,), 0.5, dtype=dtype), torch.randn(batch, TOKENS, 1024, dtype=dtype)
     pos = canvas_position_map(lat, lat)[None].to(dtype)
     aspect = torch.full((batch,), aspect_info(lat, lat), dtype=dtype)
-    if tiling is None:
-        return model(x, t, ctx, pos_map=pos, aspect=aspect)
-
-    def tile(x_tiles, maps, aspects):
-        n = x_tiles.shape[0] // batch
-        return model(x_tiles, t.repeat(n), ctx.repeat(n, 1, 1), pos_map=maps, aspect=aspects)
-    return tiled_forward(tile, x, pos, aspect, tiling)
+    call = model if tiling is None else TiledModel(model, tiling, IDENTITY)  # the pipeline's tiled model
+    return call(x, t, ctx, pos_map=pos, aspect=aspect)
 
 
 def memory_table() -> None:

@@ -124,10 +124,10 @@ def tiles(comps: Any, cases: list[tuple[str, int]]) -> tuple[dict, dict]:
     for way, tiling in ways.items():
         images = [generate(comps, GenerationParams(p, width=64, height=64, seed=s, **SAMPLE, **tiling))[0]
                   for p, s in progress(cases, f"tiles ({way})")]
-        one = [objects(img) == 1 for img in images]
-        right = [o and follows(img, p) for o, img, (p, _) in zip(one, images, cases)]
-        figures[way] = {"one_object": sum(one), "one_right_object": sum(right), "n": len(images),
-                        "mean_objects": float(np.mean([objects(img) for img in images]))}
+        counts = [objects(img) for img in images]
+        right = [c == 1 and follows(img, p) for c, img, (p, _) in zip(counts, images, cases)]
+        figures[way] = {"one_object": counts.count(1), "one_right_object": sum(right), "n": len(images),
+                        "mean_objects": float(np.mean(counts))}
         rows[way] = images
     return figures, rows
 
@@ -139,9 +139,10 @@ def composition(comps: Any, cases: list[tuple[str, int]]) -> tuple[dict, dict]:
     for mode in MODES:
         images = [regional_sample(comps, (64, 64), [(Region(16, 16, 32, 32), p)] + [(r, "") for r in ring], s, mode)
                   for p, s in progress(cases, f"composition ({mode})")]
-        one = [objects(img) == 1 for img in images]
-        figures[mode] = {"one_right_object": sum(o and follows(img, p) for o, img, (p, _) in zip(one, images, cases)),
-                         "n": len(images), "mean_objects": float(np.mean([objects(img) for img in images]))}
+        counts = [objects(img) for img in images]
+        figures[mode] = {"one_right_object": sum(c == 1 and follows(img, p) for c, img, (p, _) in
+                                                 zip(counts, images, cases)),
+                         "n": len(images), "mean_objects": float(np.mean(counts))}
         rows[mode] = images
     return figures, rows
 
@@ -155,8 +156,9 @@ def side_by_side(comps: Any, pairs: list[tuple[str, str, int]]) -> tuple[dict, d
                   for a, b, s in progress(pairs, f"side by side ({mode})")]
         colours = [half_colour(img, True) == parse_caption(a)[0] and half_colour(img, False) == parse_caption(b)[0]
                    for img, (a, b, _) in zip(images, pairs)]
-        figures[mode] = {"both_colours_right": sum(colours), "two_objects": sum(objects(img) == 2 for img in images),
-                         "n": len(images), "mean_objects": float(np.mean([objects(img) for img in images]))}
+        counts = [objects(img) for img in images]
+        figures[mode] = {"both_colours_right": sum(colours), "two_objects": counts.count(2), "n": len(images),
+                         "mean_objects": float(np.mean(counts))}
         rows[mode] = images
     return figures, rows
 

@@ -22,8 +22,10 @@ float32 (float64 for float64 weights): W ← W + Σ strength · ΔW, ΔW reshape
 back to W's dtype once.
 
 Nothing is merged until every adapter has been read and checked: float tensors only, every factor complete and of
-one rank, every update the shape of its weight (at strength 0 too), strengths within ±MAX_STRENGTH, and every
-merged weight finite and within ±MAX_WEIGHT. An adapter the trainer exported records the fingerprint of its base
+one rank, every update the shape of its weight (at strength 0 too), strengths within ±MAX_STRENGTH. Every merged
+weight must be finite and within ±MAX_WEIGHT, and each is computed once: `apply_adapters` checks them all before it
+changes any (`check_merged`), `adapters_applied` restores what it changed when one fails, and `hdm_core.merge`
+writes nothing until all are merged. An adapter the trainer exported records the fingerprint of its base
 (`BASE_FINGERPRINT_KEY`); given the fingerprint of the model's file, a mismatch is warned about.
 """
 
@@ -343,9 +345,10 @@ def _check_base(entry: Entry, base: str | None) -> None:
 def plan_updates(targets: Mapping[str, torch.Tensor], adapters: Iterable[tuple], *, base: str | None = None
                  ) -> dict[str, list[Patch]]:
     """{target key: its patches} for the (file or state dict, strength[, name]) items, every adapter read and checked
-    first: keys, completeness, shapes (at strength 0 too, which then changes nothing) and, where the targets hold
-    values (not meta), that every merged weight stays finite and within ±MAX_WEIGHT. `base`: the fingerprint of
-    the model's file, when known (`hdm_core.checkpoint.fingerprint`): an adapter trained on another is warned about."""
+    first: keys, completeness, shapes (at strength 0 too, which then changes nothing). The merged values are
+    checked where they are computed (`merged_weight`; `check_merged` before an in-place write). `base`: the
+    fingerprint of the model's file, when known (`hdm_core.checkpoint.fingerprint`): an adapter trained on another
+    is warned about."""
     plan: dict[str, list[Patch]] = {}
     for entry in _entries(adapters):
         _check_base(entry, base)
@@ -356,11 +359,15 @@ def plan_updates(targets: Mapping[str, torch.Tensor], adapters: Iterable[tuple],
                 raise CheckpointError(f"{entry.name}: {target}: {err}") from None
             if entry.strength != 0:
                 plan.setdefault(target, []).append(Patch(entry.strength, kind, parts, alpha, entry.name))
+    return plan
+
+
+def check_merged(targets: Mapping[str, torch.Tensor], plan: Mapping[str, list[Patch]]) -> None:
+    """Every weight `plan` merges finite and within ±MAX_WEIGHT (`merged_weight`'s CheckpointError otherwise),
+    computed and dropped: nothing changes. For an in-place merge that keeps no copy to restore."""
     with torch.no_grad():
         for target, patches in plan.items():
-            if targets[target].device.type != "meta":
-                merged_weight(targets[target], patches, target)  # checked, then dropped: nothing changes yet
-    return plan
+            merged_weight(targets[target], patches, target)
 
 
 def _write(targets: Mapping[str, torch.Tensor], plan: Mapping[str, list[Patch]]) -> None:
@@ -373,10 +380,13 @@ def apply_adapters(model: torch.nn.Module, adapters: Iterable[tuple], text_encod
                    *, base: str | None = None) -> torch.nn.Module:
     """Merge each (file or state dict, strength) into the weights of `model` (keys under `LORA_UNET_PREFIX`, or
     bare) and `text_encoder` (keys under `LORA_TE_PREFIX`; a Qwen3Model or hdm_core's TextEncoder) in place.
-    Every adapter is read and checked before any weight changes (`plan_updates`, which also explains `base`);
-    text-encoder keys without a text encoder are a `CheckpointError`. Returns `model`."""
+    Every adapter, and every weight it merges, is checked before any weight changes (`plan_updates`, which also
+    explains `base`, and `check_merged`); text-encoder keys without a text encoder are a `CheckpointError`.
+    Returns `model`."""
     targets = adapter_targets(model, text_encoder)
-    _write(targets, plan_updates(targets, adapters, base=base))
+    plan = plan_updates(targets, adapters, base=base)
+    check_merged(targets, plan)
+    _write(targets, plan)
     return model
 
 
@@ -387,7 +397,8 @@ def adapters_applied(model: torch.nn.Module, adapters: Iterable[tuple], text_enc
 
     The touched tensors are saved first, on the CPU as ComfyUI's ModelPatcher keeps its backups: one copy of
     what the adapters change, not of model + text encoder (a deepcopy), and exact, which subtracting ΔW again
-    is not in fp16/bf16. Not for models that another thread runs at the same time."""
+    is not in fp16/bf16; a merged weight that fails its check (`merged_weight`) restores them too, before the error
+    propagates. Not for models that another thread runs at the same time."""
     targets = adapter_targets(model, text_encoder)
     plan = plan_updates(targets, adapters, base=base)
     saved = {t: targets[t].detach().to("cpu", copy=True) for t in plan}

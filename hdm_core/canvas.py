@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rope import aspect_info, axis_coords
+from .rope import aspect_info, axial_grid
 
 MAX_SHIFT = 100.0                 # |x_shift|, |y_shift| in canvas units (the long side spans 2)
 ZOOM_RANGE = (1e-3, 1e3)
@@ -114,11 +114,9 @@ def canvas_position_map(rows: int, cols: int, camera: Camera = IDENTITY, region:
     if min(rows, cols) < 1:
         raise ValueError(f"a canvas needs at least one cell per side, got {rows}x{cols}")
     region = (region or Region(0, 0, rows, cols)).check(rows, cols)
-    long_side = max(rows, cols)
-    ys = axis_coords(rows, long_side, region.top, region.height)
-    xs = axis_coords(cols, long_side, region.left, region.width)
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)     # (h, w, 2) float64, on the CPU (MPS has
-    return camera.apply(grid.reshape(-1, 2).to(dtype)).to(device)           # no float64): the same values anywhere
+    # float64 on the CPU (MPS has none), then moved: the same values on every device
+    grid = axial_grid(rows, cols, region.top, region.left, region.height, region.width)
+    return camera.apply(grid.to(dtype)).to(device)
 
 
 def keep_picture_camera(rows: int, cols: int, picture: Region, camera: Camera = IDENTITY) -> Camera:

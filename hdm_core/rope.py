@@ -22,17 +22,23 @@ def axis_coords(n: int, long_side: int, start: int = 0, length: int | None = Non
     return -r + (torch.arange(start, start + length, dtype=torch.float64, device=device) + 0.5) * (2 * r / n)
 
 
+def axial_grid(rows: int, cols: int, top: int = 0, left: int = 0, height: int | None = None,
+               width: int | None = None, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The cell centres [h·w, 2] (float64; channel 0 = y, 1 = x) of the window (top, left, height, width), default
+    all, of a rows × cols grid: bit for bit that part of the whole grid."""
+    long_side = max(rows, cols)
+    ys = axis_coords(rows, long_side, top, height, device=device)
+    xs = axis_coords(cols, long_side, left, width, device=device)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
 def make_axial_pos(rows: int, cols: int, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """Default axial grid for a rows × cols grid → [rows·cols, 2] (SPEC §4.1); `hdm_core.canvas` has the map of a
     region of a canvas through a camera."""
     if rows < 1 or cols < 1:
         raise ValueError(f"position grid must be at least 1x1, got {rows}x{cols}")
-    long_side = max(rows, cols)
-    # computed in float64 then cast, to match the reference to 1 ulp
-    y, x = axis_coords(rows, long_side, device=device), axis_coords(cols, long_side, device=device)
-    grid = torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1)  # (rows, cols, 2)
-    return grid.reshape(rows * cols, 2).to(dtype)
+    return axial_grid(rows, cols, device=device).to(dtype)  # float64 then cast: the reference to 1 ulp
 
 
 def downsample_pos(pos: torch.Tensor, height: int, width: int, factor: int = 2) -> torch.Tensor:

@@ -28,7 +28,7 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..hdm_core.canvas import CAMERA_KEYS, Camera, per_tile, tiled_forward
+from ..hdm_core.canvas import CAMERA_KEYS, IDENTITY, per_tile, tiled_forward
 from ..hdm_core.config import XUTConfig
 from ..hdm_core.layout import COMFY_CLIP_PREFIX, TE_PREFIX, UNET_PREFIX, VAE_MEAN_KEY, VAE_PREFIX, VAE_STD_KEY
 from ..hdm_core.vae import EQVAE_MEAN, EQVAE_STD, channel_stats
@@ -247,7 +247,7 @@ def camera_tensors(cond: dict) -> dict[str, torch.Tensor] | None:
     """x_shift / y_shift / zoom of a conditioning dict as float32 [F] tensors (None when no camera is set)."""
     if not any(k in cond for k in CAMERA_KEYS):
         return None
-    values = [torch.as_tensor(cond.get(k, getattr(Camera(), k)), dtype=torch.float32).reshape(-1) for k in CAMERA_KEYS]
+    values = [torch.as_tensor(cond.get(k, getattr(IDENTITY, k)), dtype=torch.float32).reshape(-1) for k in CAMERA_KEYS]
     frames = max(v.numel() for v in values)
     return {k: v.expand(frames) if v.numel() == 1 else v for k, v in zip(CAMERA_KEYS, values)}
 

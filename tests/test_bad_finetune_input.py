@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import training.datasets
 import training.stage as stage_module
 from hdm_core import PRESETS, XUT
-from hdm_core.adapters import apply_adapters, save_adapter
+from hdm_core.adapters import adapters_applied, apply_adapters, save_adapter
 from hdm_core.checkpoint import CONFIG_METADATA_KEY, load_components, load_xut, save_single_file
 from hdm_core.convert_lycoris import main as convert_main
 from hdm_core.generate import main as generate_main
@@ -204,6 +204,13 @@ def test_failures_come_before_the_expensive_work(xut, tiny_checkpoint, tiny_part
     with pytest.raises(CheckpointError, match=r"adapter at strength 1 make this weight reach 2e\+06, beyond ±65504"):
         apply_adapters(xut, [(good_sd(), 1.0), (huge, 1.0)])
     assert torch.equal(xut.state_dict()[LINEAR + ".weight"], before)
+    # adapters_applied writes weight after weight: the one written before the huge one is restored
+    first = _lora(torch.ones(192, 2), torch.ones(2, 64), module="prev_tread_trns.blocks.0.attn.qkv")
+    every = {k: v.clone() for k, v in xut.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"make this weight reach 2e\+06"):
+        with adapters_applied(xut, [(first, 1.0), (huge, 1.0)]):
+            raise AssertionError("the with block must not run")
+    assert all(torch.equal(xut.state_dict()[k], v) for k, v in every.items())
     path = save_adapter(tmp_path / "huge.safetensors", huge)
     assert merge_main([str(tiny_checkpoint), str(tmp_path / "m.safetensors"), "--lora", str(path)]) == 2
     _one_error_line(capsys, "huge.safetensors at strength 1 make this weight reach")

@@ -1,4 +1,4 @@
-"""Bad input to the trainer never gives a silent wrong result, a hang or a half-written file (issue 12): changed
+"""Bad input to the trainer never gives a silent wrong result, a hang or a half-written file: changed
 recipes on resume, damaged checkpoints, NaN recipe values, unwritable folders, huge images, damaged shards, full
 disks. Tiny recipe, a few steps, small toy data."""
 
